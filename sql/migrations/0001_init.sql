@@ -1,0 +1,63 @@
+-- Payguard schema, version 1: scored transactions, dead letters and consumer offsets.
+-- Works on plain PostgreSQL; when the timescaledb extension is available, `transactions` and
+-- `dead_letters` become hypertables on their time column (same columns, same query results).
+
+CREATE TABLE IF NOT EXISTS transactions (
+    transaction_id  text            NOT NULL,
+    event_time      timestamptz     NOT NULL,
+    source          text            NOT NULL,
+    amount          numeric(18,2)   NOT NULL,
+    currency        text            NOT NULL,
+    customer_id     text,
+    account_id      text,
+    card_id         text,
+    merchant_id     text,
+    terminal_id     text,
+    mcc             text,
+    country         text,
+    channel         text,
+    device_id       text,
+    ip_address      text,
+    latitude        double precision,
+    longitude       double precision,
+    processed_at    timestamptz     NOT NULL DEFAULT now(),
+    -- A producer retry repeats the id (and its event time): stored once.
+    PRIMARY KEY (transaction_id, event_time)
+);
+CREATE INDEX IF NOT EXISTS transactions_event_time_idx ON transactions (event_time DESC);
+CREATE INDEX IF NOT EXISTS transactions_card_idx ON transactions (card_id, event_time DESC);
+CREATE INDEX IF NOT EXISTS transactions_merchant_idx ON transactions (merchant_id, event_time DESC);
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id              bigserial,
+    received_at     timestamptz     NOT NULL DEFAULT now(),
+    source          text            NOT NULL,
+    topic           text            NOT NULL,
+    kafka_partition integer         NOT NULL,
+    kafka_offset    bigint          NOT NULL,
+    raw             bytea           NOT NULL,
+    reason          text            NOT NULL,
+    PRIMARY KEY (id, received_at)
+);
+CREATE INDEX IF NOT EXISTS dead_letters_position_idx ON dead_letters (topic, kafka_partition, kafka_offset);
+
+-- The offset store: the next offset to read per (pipeline, topic, partition), committed in the
+-- same transaction as the rows it covers.
+CREATE TABLE IF NOT EXISTS consumer_offsets (
+    pipeline        text            NOT NULL,
+    topic           text            NOT NULL,
+    kafka_partition integer         NOT NULL,
+    next_offset     bigint          NOT NULL,
+    updated_at      timestamptz     NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, topic, kafka_partition)
+);
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+        CREATE EXTENSION IF NOT EXISTS timescaledb;
+        PERFORM create_hypertable('transactions', 'event_time', if_not_exists => TRUE, migrate_data => TRUE);
+        PERFORM create_hypertable('dead_letters', 'received_at', if_not_exists => TRUE, migrate_data => TRUE);
+    END IF;
+END
+$$;

@@ -1,0 +1,478 @@
+//! Configuration: the TOML file a user writes, parsed into plain structs.
+//!
+//! The structs here are *descriptions*; runtime objects (Kafka clients, compiled SQL, database pools)
+//! are built from them by the stages that own them. Every struct rejects unknown keys, every field is
+//! documented, and [`load`] reports every problem of a file at once, each with its line
+//! (see [`validation`]).
+
+mod locate;
+pub mod validation;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use locate::KeyLines;
+pub use validation::{ConfigError, ConfigErrors};
+
+/// Environment variable that overrides `postgres.url` (keeps the password out of the file).
+pub const ENV_POSTGRES_URL: &str = "PAYGUARD_POSTGRES_URL";
+/// Environment variable that overrides `kafka.brokers` (comma-separated `host:port` list).
+pub const ENV_KAFKA_BROKERS: &str = "PAYGUARD_KAFKA_BROKERS";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Pipeline-wide settings: name, input and sink kinds, micro-batching, queue depths.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Kafka connection and fetch settings (used when `pipeline.input = "kafka"` and by `generate`).
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// PostgreSQL / TimescaleDB connection and write settings (used when `pipeline.sink = "postgres"`).
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    /// HTTP API settings.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Built-in payment simulator settings (`generate`, and the `simulator` input of `demo`).
+    #[serde(default)]
+    pub simulator: SimulatorConfig,
+    /// Payment sources: one per message shape / Kafka topic, each mapped to the canonical
+    /// transaction by its own SQL file.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+
+    /// Directory of the config file; relative paths in the file are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// Where transactions come from.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    /// Consume every partition of every source topic from Kafka.
+    #[default]
+    Kafka,
+    /// Generate traffic in-process with the built-in simulator (no external service).
+    Simulator,
+}
+
+/// Where results go.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// PostgreSQL / TimescaleDB; results and consumed offsets commit in one transaction.
+    #[default]
+    Postgres,
+    /// In-process memory store (demo and tests); nothing survives a restart.
+    Memory,
+}
+
+/// `[pipeline]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Name of this pipeline; offsets are stored under it, so two pipelines can share a database.
+    #[serde(default = "default_pipeline_name")]
+    pub name: String,
+    /// Input kind: `"kafka"` or `"simulator"`.
+    #[serde(default)]
+    pub input: InputKind,
+    /// Sink kind: `"postgres"` or `"memory"`.
+    #[serde(default)]
+    pub sink: SinkKind,
+    /// A micro-batch closes when it holds this many messages (1 ..= 1,000,000).
+    #[serde(default = "default_batch_max_rows")]
+    pub batch_max_rows: usize,
+    /// ... or when this many milliseconds have passed since its first message (1 ..= 60,000).
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// Capacity, in micro-batches, of each bounded queue between stages (1 ..= 64).
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// On SIGINT/SIGTERM, how long to keep trying to commit in-flight batches before giving up
+    /// (they are then re-read from Kafka on the next start; nothing is lost).
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            name: default_pipeline_name(),
+            input: InputKind::default(),
+            sink: SinkKind::default(),
+            batch_max_rows: default_batch_max_rows(),
+            batch_max_wait_ms: default_batch_max_wait_ms(),
+            queue_depth: default_queue_depth(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
+        }
+    }
+}
+
+/// Where to start a partition that has no stored offset yet.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// The oldest record the broker still keeps.
+    #[default]
+    Earliest,
+    /// Only records produced after the first start.
+    Latest,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port`. Override: `PAYGUARD_KAFKA_BROKERS` (comma-separated).
+    #[serde(default = "default_brokers")]
+    pub brokers: Vec<String>,
+    /// Client id sent to the broker.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Start position for a partition never seen before: `"earliest"` or `"latest"`.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// Upper bound of bytes per fetch request and partition (1 KiB ..= 256 MiB).
+    #[serde(default = "default_fetch_max_bytes")]
+    pub fetch_max_bytes: i32,
+    /// How long the broker may hold a fetch waiting for data, in milliseconds (1 ..= 30,000).
+    #[serde(default = "default_fetch_max_wait_ms")]
+    pub fetch_max_wait_ms: i32,
+    /// Messages larger than this many bytes go to the dead-letter table instead of being decoded.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// First retry delay after a broker error, in milliseconds; doubles up to `retry_max_ms`.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest retry delay after repeated broker errors, in milliseconds.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: default_brokers(),
+            client_id: default_client_id(),
+            start_from: StartFrom::default(),
+            fetch_max_bytes: default_fetch_max_bytes(),
+            fetch_max_wait_ms: default_fetch_max_wait_ms(),
+            max_message_bytes: default_max_message_bytes(),
+            retry_initial_ms: default_retry_initial_ms(),
+            retry_max_ms: default_retry_max_ms(),
+        }
+    }
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL, `postgres://user:password@host:port/db`. Override: `PAYGUARD_POSTGRES_URL`.
+    #[serde(default = "default_postgres_url")]
+    pub url: String,
+    /// Directory of the schema migrations, applied in order at start.
+    #[serde(default = "default_migrations")]
+    pub migrations: PathBuf,
+    /// Connections in the pool (1 ..= 64).
+    #[serde(default = "default_pg_pool")]
+    pub max_connections: u32,
+    /// First retry delay after a database error, in milliseconds; doubles up to `retry_max_ms`.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest retry delay after repeated database errors, in milliseconds.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: default_postgres_url(),
+            migrations: default_migrations(),
+            max_connections: default_pg_pool(),
+            retry_initial_ms: default_retry_initial_ms(),
+            retry_max_ms: default_retry_max_ms(),
+        }
+    }
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Serve the HTTP API (health, live figures) while the pipeline runs.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Listen address, `ip:port`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_listen(),
+        }
+    }
+}
+
+/// `[simulator]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorConfig {
+    /// Seed of the deterministic random generator: same seed, same bytes.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Number of simulated customers.
+    #[serde(default = "default_customers")]
+    pub customers: usize,
+    /// Number of simulated merchants.
+    #[serde(default = "default_merchants")]
+    pub merchants: usize,
+    /// Fraction of transactions that are fraudulent (0 ..= 0.5).
+    #[serde(default = "default_fraud_rate")]
+    pub fraud_rate: f64,
+    /// Simulated start time, RFC 3339 (e.g. `"2026-11-01T00:00:00Z"`).
+    #[serde(default = "default_start_time")]
+    pub start_time: String,
+    /// Transactions per second for the in-process `simulator` input (`demo`); 0 means as fast as possible.
+    #[serde(default = "default_sim_rate")]
+    pub rate: u64,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            seed: default_seed(),
+            customers: default_customers(),
+            merchants: default_merchants(),
+            fraud_rate: default_fraud_rate(),
+            start_time: default_start_time(),
+            rate: default_sim_rate(),
+        }
+    }
+}
+
+/// `[[sources]]`: one payment source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Unique name; becomes the canonical `source` value when the mapping SQL says so.
+    pub name: String,
+    /// Message shape the simulator produces for this source (`"card"`); empty for a source fed
+    /// only by external producers.
+    #[serde(default)]
+    pub simulator: String,
+    /// Kafka topic the source is consumed from (and `generate` writes to).
+    pub topic: String,
+    /// Partitions to create when `generate --create-topics` creates the topic.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// SQL file (relative to the config file) mapping this source's messages, exposed as the table
+    /// `input`, to the canonical transaction columns.
+    pub mapping: PathBuf,
+    /// JSON fields of a message, decoded in this order into Arrow columns.
+    pub fields: Vec<FieldConfig>,
+}
+
+/// One JSON field of a source message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldConfig {
+    /// JSON key.
+    pub name: String,
+    /// Type: `string`, `int32`, `int64`, `float64`, `boolean`, `timestamp` (RFC 3339 string or epoch
+    /// milliseconds) or `decimal(P,S)` (exact; from a JSON string or number).
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// A message without this field (or with `null`) is dead-lettered.
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl Config {
+    /// Resolve a path from the file against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+}
+
+/// Read, parse, override from the environment and validate a config file.
+///
+/// Every problem is collected first; the error lists them all with file and line.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors::single(ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        })
+    })?;
+    let base_dir = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    load_str(&text, path, &base_dir, &EnvOverrides::from_env())
+}
+
+/// Environment overrides, captured once so tests can pass their own.
+#[derive(Debug, Clone, Default)]
+pub struct EnvOverrides {
+    /// Value of `PAYGUARD_POSTGRES_URL`.
+    pub postgres_url: Option<String>,
+    /// Value of `PAYGUARD_KAFKA_BROKERS`.
+    pub kafka_brokers: Option<String>,
+}
+
+impl EnvOverrides {
+    /// Read the overrides from the process environment.
+    pub fn from_env() -> Self {
+        Self {
+            postgres_url: std::env::var(ENV_POSTGRES_URL).ok().filter(|s| !s.is_empty()),
+            kafka_brokers: std::env::var(ENV_KAFKA_BROKERS).ok().filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// Parse and validate config text (see [`load`]).
+pub fn load_str(
+    text: &str,
+    file: &Path,
+    base_dir: &Path,
+    env: &EnvOverrides,
+) -> Result<Config, ConfigErrors> {
+    let (parsed, mut errors) = validation::parse_collecting(text, file);
+    let Some(mut config) = parsed else {
+        return Err(ConfigErrors(errors));
+    };
+    config.base_dir = base_dir.to_path_buf();
+    if let Some(url) = &env.postgres_url {
+        config.postgres.url = url.clone();
+    }
+    if let Some(brokers) = &env.kafka_brokers {
+        config.kafka.brokers = brokers
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+    }
+    errors.extend(validation::validate(&config, text, file));
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        errors.sort_by_key(|e| e.line);
+        errors.dedup();
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The configuration `payguard demo` runs when no file is given: the shipped sources, the simulator
+/// as input and the memory sink.
+pub fn demo_default(base_dir: &Path) -> Result<Config, ConfigErrors> {
+    let file = base_dir.join("config.toml");
+    let mut config = if file.exists() {
+        load(&file)?
+    } else {
+        let text = include_str!("../../config.toml");
+        load_str(
+            text,
+            Path::new("<built-in config.toml>"),
+            base_dir,
+            &EnvOverrides::default(),
+        )?
+    };
+    config.pipeline.input = InputKind::Simulator;
+    config.pipeline.sink = SinkKind::Memory;
+    Ok(config)
+}
+
+fn default_pipeline_name() -> String {
+    "payguard".into()
+}
+fn default_batch_max_rows() -> usize {
+    20_000
+}
+fn default_batch_max_wait_ms() -> u64 {
+    100
+}
+fn default_queue_depth() -> usize {
+    4
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    15_000
+}
+fn default_brokers() -> Vec<String> {
+    vec!["127.0.0.1:9092".into()]
+}
+fn default_client_id() -> String {
+    "payguard".into()
+}
+fn default_fetch_max_bytes() -> i32 {
+    8 * 1024 * 1024
+}
+fn default_fetch_max_wait_ms() -> i32 {
+    100
+}
+fn default_max_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_retry_initial_ms() -> u64 {
+    100
+}
+fn default_retry_max_ms() -> u64 {
+    5_000
+}
+fn default_postgres_url() -> String {
+    "postgres://payguard:payguard@127.0.0.1:5432/payguard".into()
+}
+fn default_migrations() -> PathBuf {
+    PathBuf::from("sql/migrations")
+}
+fn default_pg_pool() -> u32 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_customers() -> usize {
+    20_000
+}
+fn default_merchants() -> usize {
+    2_000
+}
+fn default_fraud_rate() -> f64 {
+    0.005
+}
+fn default_start_time() -> String {
+    "2026-11-01T00:00:00Z".into()
+}
+fn default_sim_rate() -> u64 {
+    2_000
+}
+fn default_partitions() -> i32 {
+    3
+}

@@ -1,0 +1,460 @@
+//! Validation that reports every problem of a config file at once, each with its file, line and key,
+//! in the manner of Vector's `validation.rs`: nothing starts until the whole file is right.
+//!
+//! Parsing is done repeatedly: each time serde stops at a problem (an unknown key, a wrong type), the
+//! problem is recorded, the offending line is blanked out of a scratch copy, and parsing runs again, so
+//! that one run of `payguard check` lists all of them. Semantic checks (ranges, files, types of
+//! fields) then run on the parsed structs and point back at lines through [`KeyLines`].
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::{Config, InputKind, KeyLines, SinkKind};
+use crate::decode::parse_field_type;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `sources[0].topic` (empty for file-level problems).
+    pub key: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All problems found in a config file (never empty).
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// A list of one.
+    pub fn single(e: ConfigError) -> Self {
+        Self(vec![e])
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in the configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+const MAX_PASSES: usize = 64;
+
+/// Deserialize, recording each serde error and blanking its line until the rest parses. Returns
+/// the config parsed from what is left (if anything parses) and the errors.
+pub(super) fn parse_collecting(text: &str, file: &Path) -> (Option<Config>, Vec<ConfigError>) {
+    let mut scratch: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut errors = Vec::new();
+    for _ in 0..MAX_PASSES {
+        let current = scratch.join("\n");
+        match toml::from_str::<Config>(&current) {
+            Ok(config) => return (Some(config), errors),
+            Err(e) => {
+                let line = e.span().map(|s| line_of_offset(&current, s.start));
+                let key = line
+                    .and_then(|l| scratch.get(l - 1))
+                    .map(|l| key_of_line(l))
+                    .unwrap_or_default();
+                errors.push(ConfigError {
+                    file: file.to_path_buf(),
+                    line,
+                    key,
+                    message: clean_message(e.message()),
+                });
+                match line {
+                    Some(l) if blank_out(&mut scratch, l - 1) => continue,
+                    _ => break,
+                }
+            }
+        }
+    }
+    (None, errors)
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn key_of_line(line: &str) -> String {
+    let t = line.trim();
+    if t.starts_with('[') {
+        return t.trim_matches(['[', ']']).trim().to_string();
+    }
+    t.split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
+fn clean_message(m: &str) -> String {
+    m.trim().replace('\n', " ")
+}
+
+/// Comment out line `idx` (and, for a table header, the whole table). False when nothing changed.
+fn blank_out(lines: &mut [String], idx: usize) -> bool {
+    let Some(line) = lines.get(idx) else {
+        return false;
+    };
+    if line.trim_start().starts_with('#') || line.trim().is_empty() {
+        return false;
+    }
+    let is_header = line.trim_start().starts_with('[');
+    lines[idx] = format!("# {line}");
+    if is_header {
+        for l in lines.iter_mut().skip(idx + 1) {
+            if l.trim_start().starts_with('[') {
+                break;
+            }
+            if !l.trim_start().starts_with('#') {
+                *l = format!("# {l}");
+            }
+        }
+    }
+    true
+}
+
+/// Semantic checks on a parsed config. Checks only what can be known from the file and the
+/// filesystem; SQL and model checks belong to the engine (`payguard check` runs both).
+pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigError> {
+    let lines = KeyLines::scan(text);
+    let mut errors = Vec::new();
+    let mut err = |key: String, message: String| {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: lines.line_of(&key),
+            key,
+            message,
+        });
+    };
+
+    let p = &config.pipeline;
+    if p.name.trim().is_empty() || p.name.len() > 100 {
+        err(
+            "pipeline.name".into(),
+            "must be 1 to 100 characters".into(),
+        );
+    }
+    if !(1..=1_000_000).contains(&p.batch_max_rows) {
+        err(
+            "pipeline.batch_max_rows".into(),
+            format!("must be between 1 and 1000000, got {}", p.batch_max_rows),
+        );
+    }
+    if !(1..=60_000).contains(&p.batch_max_wait_ms) {
+        err(
+            "pipeline.batch_max_wait_ms".into(),
+            format!("must be between 1 and 60000, got {}", p.batch_max_wait_ms),
+        );
+    }
+    if !(1..=64).contains(&p.queue_depth) {
+        err(
+            "pipeline.queue_depth".into(),
+            format!("must be between 1 and 64, got {}", p.queue_depth),
+        );
+    }
+
+    let k = &config.kafka;
+    if p.input == InputKind::Kafka {
+        if k.brokers.is_empty() {
+            err(
+                "kafka.brokers".into(),
+                "needs at least one broker as \"host:port\" (or set PAYGUARD_KAFKA_BROKERS)".into(),
+            );
+        }
+        for (i, b) in k.brokers.iter().enumerate() {
+            let ok = b
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                err(
+                    format!("kafka.brokers[{i}]"),
+                    format!("\"{b}\" is not \"host:port\""),
+                );
+            }
+        }
+    }
+    if !(1024..=256 * 1024 * 1024).contains(&k.fetch_max_bytes) {
+        err(
+            "kafka.fetch_max_bytes".into(),
+            format!(
+                "must be between 1024 and 268435456, got {}",
+                k.fetch_max_bytes
+            ),
+        );
+    }
+    if !(1..=30_000).contains(&k.fetch_max_wait_ms) {
+        err(
+            "kafka.fetch_max_wait_ms".into(),
+            format!("must be between 1 and 30000, got {}", k.fetch_max_wait_ms),
+        );
+    }
+    if k.max_message_bytes == 0 {
+        err(
+            "kafka.max_message_bytes".into(),
+            "must be greater than 0".into(),
+        );
+    }
+    for (key, init, max) in [
+        ("kafka", k.retry_initial_ms, k.retry_max_ms),
+        (
+            "postgres",
+            config.postgres.retry_initial_ms,
+            config.postgres.retry_max_ms,
+        ),
+    ] {
+        if init == 0 || init > max {
+            err(
+                format!("{key}.retry_initial_ms"),
+                format!("must be at least 1 and at most retry_max_ms ({max}), got {init}"),
+            );
+        }
+    }
+
+    let pg = &config.postgres;
+    if p.sink == SinkKind::Postgres {
+        if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://")) {
+            err(
+                "postgres.url".into(),
+                "must start with postgres:// or postgresql:// (or set PAYGUARD_POSTGRES_URL)"
+                    .into(),
+            );
+        }
+        let dir = config.resolve(&pg.migrations);
+        if !dir.is_dir() {
+            err(
+                "postgres.migrations".into(),
+                format!("directory {} does not exist", dir.display()),
+            );
+        }
+    }
+    if !(1..=64).contains(&pg.max_connections) {
+        err(
+            "postgres.max_connections".into(),
+            format!("must be between 1 and 64, got {}", pg.max_connections),
+        );
+    }
+
+    if config.api.listen.parse::<std::net::SocketAddr>().is_err() {
+        err(
+            "api.listen".into(),
+            format!("\"{}\" is not an ip:port address", config.api.listen),
+        );
+    }
+
+    let s = &config.simulator;
+    if !(0.0..=0.5).contains(&s.fraud_rate) {
+        err(
+            "simulator.fraud_rate".into(),
+            format!("must be between 0 and 0.5, got {}", s.fraud_rate),
+        );
+    }
+    if s.customers == 0 || s.merchants == 0 {
+        err(
+            "simulator.customers".into(),
+            "customers and merchants must be at least 1".into(),
+        );
+    }
+    if chrono::DateTime::parse_from_rfc3339(&s.start_time).is_err() {
+        err(
+            "simulator.start_time".into(),
+            format!(
+                "\"{}\" is not an RFC 3339 time like 2026-11-01T00:00:00Z",
+                s.start_time
+            ),
+        );
+    }
+
+    if config.sources.is_empty() {
+        err(
+            "sources".into(),
+            "at least one [[sources]] entry is needed".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut topics = HashSet::new();
+    for (i, src) in config.sources.iter().enumerate() {
+        let at = |k: &str| format!("sources[{i}].{k}");
+        if src.name.is_empty()
+            || !src
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            err(
+                at("name"),
+                format!(
+                    "\"{}\" must be non-empty and use only letters, digits, '_' and '-'",
+                    src.name
+                ),
+            );
+        }
+        if !names.insert(src.name.clone()) {
+            err(
+                at("name"),
+                format!("source name \"{}\" is used twice", src.name),
+            );
+        }
+        if src.topic.is_empty()
+            || src.topic.len() > 249
+            || !src
+                .topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            err(
+                at("topic"),
+                format!(
+                    "\"{}\" is not a valid Kafka topic name (letters, digits, '.', '_', '-')",
+                    src.topic
+                ),
+            );
+        }
+        if !topics.insert(src.topic.clone()) {
+            err(
+                at("topic"),
+                format!("topic \"{}\" is used by two sources", src.topic),
+            );
+        }
+        if !(1..=1000).contains(&src.partitions) {
+            err(
+                at("partitions"),
+                format!("must be between 1 and 1000, got {}", src.partitions),
+            );
+        }
+        if !src.simulator.is_empty() && !crate::source::simulator::SHAPES.contains(&src.simulator.as_str()) {
+            err(
+                at("simulator"),
+                format!(
+                    "unknown simulator shape \"{}\"; known: {}",
+                    src.simulator,
+                    crate::source::simulator::SHAPES.join(", ")
+                ),
+            );
+        }
+        let mapping = config.resolve(&src.mapping);
+        if !mapping.is_file() {
+            err(
+                at("mapping"),
+                format!("SQL file {} does not exist", mapping.display()),
+            );
+        }
+        if src.fields.is_empty() {
+            err(at("fields"), "at least one field is needed".into());
+        }
+        let mut field_names = HashSet::new();
+        for (j, f) in src.fields.iter().enumerate() {
+            if f.name.is_empty() || !field_names.insert(f.name.clone()) {
+                err(
+                    format!("sources[{i}].fields[{j}].name"),
+                    format!("field name \"{}\" is empty or used twice", f.name),
+                );
+            }
+            if let Err(msg) = parse_field_type(&f.data_type) {
+                err(format!("sources[{i}].fields[{j}].type"), msg);
+            }
+        }
+    }
+
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{EnvOverrides, load_str};
+    use std::path::Path;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        match load_str(
+            text,
+            Path::new("test.toml"),
+            Path::new(dir),
+            &EnvOverrides::default(),
+        ) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const SOURCE: &str = r#"
+[[sources]]
+name = "card"
+topic = "t.cards"
+mapping = "sql/sources/card.sql"
+fields = [
+  { name = "id", type = "string", required = true },
+]
+"#;
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let text = include_str!("../../config.toml");
+        assert_eq!(errors_of(text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn reports_unknown_key_type_error_and_range_at_once() {
+        let text = format!(
+            "[pipeline]\nbatch_max_rows = 0\nbatch_max_wait = 5\nqueue_depth = \"four\"\n{SOURCE}"
+        );
+        let errs = errors_of(&text);
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        assert!(errs[0].starts_with("test.toml:2: pipeline.batch_max_rows: must be between"));
+        assert!(
+            errs[1].starts_with("test.toml:3: batch_max_wait: unknown field"),
+            "{}",
+            errs[1]
+        );
+        assert!(errs[2].starts_with("test.toml:4: queue_depth: "), "{}", errs[2]);
+    }
+
+    #[test]
+    fn reports_bad_field_type_with_its_line() {
+        let text = SOURCE.replace("\"string\"", "\"strnig\"");
+        let errs = errors_of(&text);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("test.toml:7: sources[0].fields[0].type: unknown type \"strnig\""),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn env_override_replaces_postgres_url() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let env = EnvOverrides {
+            postgres_url: Some("postgres://u:p@db:5432/x".into()),
+            kafka_brokers: Some("a:1, b:2".into()),
+        };
+        let c = load_str(SOURCE, Path::new("t.toml"), Path::new(dir), &env).unwrap();
+        assert_eq!(c.postgres.url, "postgres://u:p@db:5432/x");
+        assert_eq!(c.kafka.brokers, vec!["a:1", "b:2"]);
+    }
+}

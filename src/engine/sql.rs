@@ -1,0 +1,367 @@
+//! A SQL file compiled once into a DataFusion physical plan and re-executed for every micro-batch.
+//!
+//! The plan reads its input table from a [`BatchSlot`]: a `StreamingTable` whose single partition
+//! hands out whatever batches were put into the slot just before execution. Planning (parsing,
+//! logical optimisation, physical planning) happens once in [`CompiledQuery::compile`]; the hot path
+//! is `put batches -> reset operator state -> execute -> collect`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, collect};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+/// Errors of compiling or running a SQL file.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// The file could not be read.
+    #[error("{file}: cannot read SQL file: {source}")]
+    Read {
+        /// SQL file.
+        file: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Parsing or planning failed.
+    #[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Plan {
+        /// SQL file.
+        file: PathBuf,
+        /// 1-based line of the problem, when it can be told.
+        line: Option<usize>,
+        /// What is wrong.
+        message: String,
+        /// Underlying error.
+        #[source]
+        source: DataFusionError,
+    },
+    /// The result does not fit its contract (column names or types).
+    #[error("{file}: {message}")]
+    Contract {
+        /// SQL file.
+        file: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// Execution failed on a batch.
+    #[error("{file}: execution failed: {source}")]
+    Execute {
+        /// SQL file.
+        file: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: DataFusionError,
+    },
+}
+
+/// Shared slot from which the input table of a compiled query reads.
+#[derive(Debug)]
+pub struct BatchSlot {
+    schema: SchemaRef,
+    batches: Mutex<Vec<RecordBatch>>,
+}
+
+impl BatchSlot {
+    fn put(&self, batches: Vec<RecordBatch>) {
+        *self.batches.lock().expect("slot lock") = batches;
+    }
+}
+
+impl PartitionStream for BatchSlot {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = std::mem::take(&mut *self.batches.lock().expect("slot lock"));
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter(batches.into_iter().map(Ok)),
+        ))
+    }
+}
+
+/// A session configured for micro-batch execution: one partition per operator (the pipeline gets
+/// its parallelism from its stages), large batches.
+pub fn session() -> SessionContext {
+    let config = SessionConfig::new()
+        .with_target_partitions(1)
+        .with_batch_size(64 * 1024)
+        .with_information_schema(false);
+    SessionContext::new_with_config(config)
+}
+
+/// A SQL file planned once against a named input table.
+#[derive(Clone)]
+pub struct CompiledQuery {
+    file: PathBuf,
+    ctx: SessionContext,
+    plan: Arc<dyn ExecutionPlan>,
+    slot: Arc<BatchSlot>,
+}
+
+impl std::fmt::Debug for CompiledQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledQuery")
+            .field("file", &self.file)
+            .field("schema", &self.plan.schema())
+            .finish()
+    }
+}
+
+impl CompiledQuery {
+    /// Read and compile a SQL file.
+    pub async fn compile_file(
+        file: &Path,
+        input_name: &str,
+        input_schema: SchemaRef,
+    ) -> Result<Self, SqlError> {
+        let sql = std::fs::read_to_string(file).map_err(|source| SqlError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Self::compile(file, &sql, input_name, input_schema).await
+    }
+
+    /// Compile SQL text; `file` names it in errors.
+    pub async fn compile(
+        file: &Path,
+        sql: &str,
+        input_name: &str,
+        input_schema: SchemaRef,
+    ) -> Result<Self, SqlError> {
+        let plan_err = |source: DataFusionError| {
+            let message = source.to_string();
+            SqlError::Plan {
+                file: file.to_path_buf(),
+                line: error_line(&message, sql),
+                message: message.trim().to_string(),
+                source,
+            }
+        };
+        let ctx = session();
+        let slot = Arc::new(BatchSlot {
+            schema: input_schema.clone(),
+            batches: Mutex::new(Vec::new()),
+        });
+        let table = StreamingTable::try_new(input_schema, vec![slot.clone()]).map_err(plan_err)?;
+        ctx.register_table(input_name, Arc::new(table))
+            .map_err(plan_err)?;
+        let statements = sql
+            .split(';')
+            .filter(|s| !strip_sql_comments(s).trim().is_empty())
+            .count();
+        if statements != 1 {
+            return Err(SqlError::Contract {
+                file: file.to_path_buf(),
+                message: format!("must hold exactly one SELECT statement, found {statements}"),
+            });
+        }
+        let df = ctx.sql(sql).await.map_err(plan_err)?;
+        let plan = df.create_physical_plan().await.map_err(plan_err)?;
+        Ok(Self {
+            file: file.to_path_buf(),
+            ctx,
+            plan,
+            slot,
+        })
+    }
+
+    /// Schema of the result.
+    pub fn schema(&self) -> SchemaRef {
+        self.plan.schema()
+    }
+
+    /// The file this query came from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Run the compiled plan over `input`.
+    pub async fn execute(&self, input: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, SqlError> {
+        let exec_err = |source| SqlError::Execute {
+            file: self.file.clone(),
+            source,
+        };
+        self.slot.put(input);
+        let plan = datafusion::physical_plan::execution_plan::reset_plan_states(self.plan.clone())
+            .map_err(exec_err)?;
+        collect(plan, self.ctx.task_ctx()).await.map_err(exec_err)
+    }
+}
+
+/// Remove `--` line comments and `/* */` block comments.
+pub fn strip_sql_comments(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    let mut in_str = false;
+    while let Some(c) = chars.next() {
+        if in_str {
+            out.push(c);
+            if c == '\'' {
+                in_str = false;
+            }
+            continue;
+        }
+        match (c, chars.peek()) {
+            ('\'', _) => {
+                in_str = true;
+                out.push(c);
+            }
+            ('-', Some('-')) => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        out.push('\n');
+                        break;
+                    }
+                }
+            }
+            ('/', Some('*')) => {
+                chars.next();
+                let mut prev = ' ';
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        out.push('\n');
+                    }
+                    if prev == '*' && c == '/' {
+                        break;
+                    }
+                    prev = c;
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The line an error message points at: `Line: N` from the parser, or the first line that mentions
+/// the identifier a planning error names.
+fn error_line(message: &str, sql: &str) -> Option<usize> {
+    if let Some(pos) = message.find("Line: ") {
+        let digits: String = message[pos + 6..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(n) = digits.parse() {
+            return Some(n);
+        }
+    }
+    if message.contains("found: EOF") {
+        let code = strip_sql_comments(sql);
+        return code
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, _)| i + 1)
+            .last();
+    }
+    for marker in ["No field named ", "table '", "Invalid function '", "function '"] {
+        if let Some(pos) = message.find(marker) {
+            let rest = &message[pos + marker.len()..];
+            let ident: String = rest
+                .trim_start_matches(['"', '\'', '`'])
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+                .collect();
+            let ident = ident.trim_end_matches('.');
+            let ident = ident.rsplit('.').next().unwrap_or(ident).to_lowercase();
+            if ident.is_empty() {
+                continue;
+            }
+            let code = strip_sql_comments(sql);
+            for (i, line) in code.lines().enumerate() {
+                let line = line.to_lowercase();
+                let is_word = |c: char| c.is_alphanumeric() || c == '_';
+                if line.split(|c: char| !is_word(c)).any(|w| w == ident) {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+        ]))
+    }
+
+    fn batch(ids: &[&str], ns: &[i64]) -> RecordBatch {
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(StringArray::from(ids.to_vec())),
+                Arc::new(Int64Array::from(ns.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn plans_once_and_reexecutes_on_each_batch() {
+        let q = CompiledQuery::compile(
+            Path::new("q.sql"),
+            "SELECT id, n * 2 AS n2 FROM input WHERE n > 1 ORDER BY n DESC",
+            "input",
+            schema(),
+        )
+        .await
+        .unwrap();
+        let out1 = q.execute(vec![batch(&["a", "b", "c"], &[1, 2, 3])]).await.unwrap();
+        datafusion::assert_batches_eq!(
+            ["+----+----+", "| id | n2 |", "+----+----+", "| c  | 6  |", "| b  | 4  |", "+----+----+"],
+            &out1
+        );
+        let out2 = q.execute(vec![batch(&["x"], &[10]), batch(&["y"], &[0])]).await.unwrap();
+        datafusion::assert_batches_eq!(
+            ["+----+----+", "| id | n2 |", "+----+----+", "| x  | 20 |", "+----+----+"],
+            &out2
+        );
+        let out3 = q.execute(vec![]).await.unwrap();
+        assert_eq!(out3.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    }
+
+    #[tokio::test]
+    async fn errors_name_file_and_line() {
+        let err = CompiledQuery::compile(
+            Path::new("m.sql"),
+            "SELECT id,\n  nope AS x\nFROM input",
+            "input",
+            schema(),
+        )
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("m.sql:2: "), "{text}");
+        let err = CompiledQuery::compile(Path::new("m.sql"), "SELECT id\nFROM input\nWHERE", "input", schema())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().starts_with("m.sql:3: "), "{err}");
+        let err = CompiledQuery::compile(
+            Path::new("m.sql"),
+            "SELECT 1; SELECT 2",
+            "input",
+            schema(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("exactly one SELECT"), "{err}");
+    }
+}

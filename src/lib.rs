@@ -1,0 +1,30 @@
+//! Payguard: real-time payment fraud detection in one process.
+//!
+//! ```text
+//!   Kafka topics ──► source ──► decode ──► engine (DataFusion SQL) ──► sink ──► PostgreSQL
+//!   (or simulator)   Chunks     Arrow      mapping -> canonical rows   one transaction per
+//!                    Batcher    batches                                  batch: rows + offsets
+//! ```
+//!
+//! Modules, one per stage:
+//! - [`config`]: the TOML file, parsed into documented structs; every problem reported at once.
+//! - [`source`]: inputs ([`source::kafka`] partitions with rskafka, the [`source::simulator`]) and
+//!   the [`source::Batcher`] that cuts micro-batches by rows or time.
+//! - [`decode`]: raw JSON messages -> Arrow record batches; bad messages -> dead letters.
+//! - [`engine`]: SQL files compiled once and re-executed per batch ([`engine::sql`]), the
+//!   canonical transaction contract ([`engine::canonical`]).
+//! - [`sink`]: PostgreSQL (COPY, offsets in the same transaction: exactly-once) and memory.
+//! - [`pipeline`]: wiring of the stages with bounded channels and one cancellation token.
+//! - [`api`]: HTTP health, figures and metrics (axum).
+//! - [`metrics`]: counters, gauges, histograms in Prometheus text format.
+//! - [`app`]: glue behind the CLI commands.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod decode;
+pub mod engine;
+pub mod metrics;
+pub mod pipeline;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,209 @@
+//! The `payguard` command line: parses arguments, sets up logging, runs a command from
+//! [`payguard::app`], and turns the outcome into an exit code (0 ok, 1 failure, 2 bad config).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use payguard::app::{self, GenerateOptions, GenerateOutput};
+use payguard::pipeline::RunOptions;
+
+/// Real-time payment fraud detection: Kafka -> SQL features and rules -> model scoring ->
+/// PostgreSQL/TimescaleDB, exactly-once.
+#[derive(Debug, Parser)]
+#[command(name = "payguard", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the pipeline: consume the sources' Kafka topics and commit results and offsets.
+    Run {
+        /// Config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Stop once every partition reaches the end offset it had at start (batch jobs, tests).
+        #[arg(long)]
+        stop_at_end: bool,
+    },
+    /// Run the whole pipeline with no external service: the built-in simulator as input, an
+    /// in-memory store, and the HTTP API.
+    Demo {
+        /// Config file (default: ./config.toml if present, else the built-in one); its input and
+        /// sink are replaced by the simulator and the memory store.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// HTTP listen address (overrides api.listen).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Simulated transactions per second (overrides simulator.rate; 0 = as fast as possible).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Stop after this many transactions (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Generate simulated payment messages to the sources' Kafka topics or to a JSON-lines file.
+    Generate {
+        /// Config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Number of messages.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Messages per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Random seed (default: simulator.seed). Same seed, same bytes.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Simulated transactions per simulated second: how fast the simulated clock runs.
+        #[arg(long, default_value_t = 50.0)]
+        simulated_tps: f64,
+        /// Write to this JSON-lines file instead of Kafka.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Do not create missing topics.
+        #[arg(long)]
+        no_create_topics: bool,
+        /// No progress line on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Validate the config file and SQL files without starting anything; lists every problem.
+    Check {
+        /// Config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rskafka=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Check { config } => {
+            let problems = app::check(&config).await;
+            if problems.is_empty() {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            } else {
+                for p in &problems {
+                    eprintln!("{}", p.trim_end());
+                }
+                eprintln!("{} problem(s) found", problems.len());
+                ExitCode::from(2)
+            }
+        }
+        Command::Run { config, stop_at_end } => {
+            let config = match app::load_config(&config) {
+                Ok(c) => c,
+                Err(e) => return fail_config(e),
+            };
+            let opts = RunOptions {
+                stop_at_end,
+                max_messages: None,
+            };
+            finish(app::run(config, opts).await.map(|_| ()))
+        }
+        Command::Demo {
+            config,
+            listen,
+            rate,
+            count,
+        } => {
+            let loaded = match config {
+                Some(path) => app::load_config(&path).map(|mut c| {
+                    c.pipeline.input = payguard::config::InputKind::Simulator;
+                    c.pipeline.sink = payguard::config::SinkKind::Memory;
+                    c
+                }),
+                None => payguard::config::demo_default(&std::env::current_dir().unwrap_or_default())
+                    .map_err(|e| anyhow::anyhow!("{e}")),
+            };
+            let mut config = match loaded {
+                Ok(c) => c,
+                Err(e) => return fail_config(e),
+            };
+            if let Some(l) = listen {
+                config.api.listen = l;
+            }
+            if let Some(r) = rate {
+                config.simulator.rate = r;
+            }
+            config.api.enabled = true;
+            eprintln!(
+                "payguard demo: simulator -> SQL -> memory store; figures at http://{}/v1/stats (Ctrl-C stops)",
+                config.api.listen
+            );
+            let opts = RunOptions {
+                stop_at_end: false,
+                max_messages: count,
+            };
+            finish(app::run(config, opts).await.map(|_| ()))
+        }
+        Command::Generate {
+            config,
+            count,
+            rate,
+            seed,
+            simulated_tps,
+            output,
+            no_create_topics,
+            quiet,
+        } => {
+            let config = match app::load_config(&config) {
+                Ok(c) => c,
+                Err(e) => return fail_config(e),
+            };
+            let opts = GenerateOptions {
+                count,
+                rate,
+                seed,
+                simulated_tps,
+                output: match output {
+                    Some(p) => GenerateOutput::File(p),
+                    None => GenerateOutput::Kafka {
+                        create_topics: !no_create_topics,
+                    },
+                },
+                progress: !quiet,
+            };
+            finish(app::generate(&config, &opts).await.map(|_| ()))
+        }
+    }
+}
+
+fn fail_config(e: anyhow::Error) -> ExitCode {
+    eprintln!("{}", format!("{e:#}").trim_end());
+    ExitCode::from(2)
+}
+
+fn finish(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Wiring of the stages: input tasks -> batcher -> engine -> sink, connected by bounded channels,
+//! under one cancellation token.
+//!
+//! Shutdown: cancelling the token stops the inputs; every stage then drains what it holds and the
+//! sink commits it (retrying for at most `pipeline.shutdown_timeout_ms`), so SIGTERM loses nothing
+//! and repeats nothing. A fatal error in any stage cancels the inputs and is returned; the batch it
+//! concerned is not committed and will be read again on the next start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, InputKind};
+use crate::decode::RawMessage;
+use crate::engine::{Engine, EngineError};
+use crate::metrics::Metrics;
+use crate::sink::{Sink, SinkBatch, SinkError, StoredOffsets};
+use crate::source::kafka::{self, Assignment, Backoff, KafkaError};
+use crate::source::simulator::{Simulator, SimulatorError};
+use crate::source::{Batcher, Chunk};
+
+/// Errors that stop the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Compiling or running the SQL stages failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The sink failed in a way retrying cannot fix.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// Kafka setup failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The simulator could not start.
+    #[error(transparent)]
+    Simulator(#[from] SimulatorError),
+    /// Shutdown was asked for while the sink was unreachable; the uncommitted batches will be read
+    /// again on the next start.
+    #[error("shutdown: could not commit {batches} in-flight batch(es) within the shutdown timeout: {last_error}")]
+    ShutdownIncomplete {
+        /// Batches left uncommitted.
+        batches: usize,
+        /// The last sink error.
+        last_error: SinkError,
+    },
+}
+
+/// Options of one run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Kafka: stop once every partition reaches the end offset it had at start.
+    pub stop_at_end: bool,
+    /// Simulator: stop after this many messages.
+    pub max_messages: Option<u64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Batches committed.
+    pub batches: u64,
+    /// Messages consumed.
+    pub messages: u64,
+    /// Transactions stored.
+    pub transactions: u64,
+    /// Messages dead-lettered.
+    pub dead_letters: u64,
+}
+
+/// Run the pipeline until the inputs end or `cancel` fires.
+pub async fn run(
+    config: Arc<Config>,
+    sink: Sink,
+    opts: RunOptions,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> Result<RunSummary, PipelineError> {
+    let engine = Engine::new(&config).await?;
+    let stored = load_offsets_retrying(&sink, &config, &cancel).await?;
+    let topics: Vec<String> = config.sources.iter().map(|s| s.topic.clone()).collect();
+    let by_source: HashMap<(usize, i32), i64> = stored
+        .iter()
+        .filter_map(|((topic, p), o)| {
+            topics
+                .iter()
+                .position(|t| t == topic)
+                .map(|s| ((s, *p), *o))
+        })
+        .collect();
+
+    let depth = config.pipeline.queue_depth;
+    let (chunk_tx, chunk_rx) = mpsc::channel::<Chunk>(depth * 8);
+    let (batch_tx, mut batch_rx) = mpsc::channel(depth);
+    let (done_tx, mut done_rx) = mpsc::channel::<SinkBatch>(depth);
+
+    // Inputs stop on the root token or when a later stage fails.
+    let input_cancel = cancel.child_token();
+    let mut tasks = JoinSet::new();
+    match config.pipeline.input {
+        InputKind::Kafka => {
+            let client = Arc::new(kafka::connect(&config.kafka, &input_cancel).await?);
+            let parts = kafka::partitions(&client, &config.kafka, &topics).await?;
+            for (source, (topic, ps)) in topics.iter().zip(parts).enumerate() {
+                for p in ps {
+                    let stop_at = if opts.stop_at_end {
+                        Some(kafka::end_offset(&client, &config.kafka, topic, p).await?)
+                    } else {
+                        None
+                    };
+                    let a = Assignment {
+                        source,
+                        topic: topic.clone(),
+                        partition: p,
+                        stored: by_source.get(&(source, p)).copied(),
+                        stop_at,
+                    };
+                    tasks.spawn(kafka::fetch_partition(
+                        client.clone(),
+                        config.kafka.clone(),
+                        a,
+                        chunk_tx.clone(),
+                        metrics.clone(),
+                        input_cancel.clone(),
+                    ));
+                }
+            }
+        }
+        InputKind::Simulator => {
+            let sim = Simulator::new(
+                &config.simulator,
+                &config.sources,
+                config.simulator.seed,
+                config.simulator.rate.max(1) as f64,
+            )?;
+            tasks.spawn(simulate(
+                sim,
+                config.clone(),
+                by_source.clone(),
+                opts.max_messages,
+                chunk_tx.clone(),
+                metrics.clone(),
+                input_cancel.clone(),
+            ));
+        }
+    }
+    drop(chunk_tx);
+
+    let batcher = Batcher::new(
+        topics,
+        config.pipeline.batch_max_rows,
+        Duration::from_millis(config.pipeline.batch_max_wait_ms),
+        by_source,
+    );
+    tasks.spawn(batcher.run(chunk_rx, batch_tx));
+
+    // Engine stage.
+    let engine_metrics = metrics.clone();
+    let engine_cancel = input_cancel.clone();
+    let engine_task = tokio::spawn(async move {
+        while let Some(batch) = batch_rx.recv().await {
+            let t = Instant::now();
+            match engine.process(batch).await {
+                Ok(out) => {
+                    engine_metrics.engine_time.observe(t.elapsed().as_secs_f64());
+                    if done_tx.send(out).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    engine_cancel.cancel();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    });
+
+    // Sink stage, in this task.
+    let mut summary = RunSummary::default();
+    let mut backoff = Backoff::new(config.postgres.retry_initial_ms, config.postgres.retry_max_ms);
+    let shutdown_timeout = Duration::from_millis(config.pipeline.shutdown_timeout_ms);
+    let mut cancelled_at: Option<Instant> = None;
+    let mut result = Ok(());
+    'batches: while let Some(batch) = done_rx.recv().await {
+        loop {
+            let t = Instant::now();
+            match sink.commit(&batch).await {
+                Ok(stats) => {
+                    backoff.reset();
+                    metrics.sink_time.observe(t.elapsed().as_secs_f64());
+                    if let Some(opened) = batch.opened_at {
+                        metrics.batch_latency.observe(opened.elapsed().as_secs_f64());
+                    }
+                    metrics.batches.inc();
+                    metrics.transactions_out.add(stats.inserted);
+                    metrics.duplicates.add(stats.duplicates);
+                    metrics.dead_letters.add(batch.dead_letters.len() as u64);
+                    for d in &batch.dead_letters {
+                        tracing::warn!(source = %d.source, topic = %d.topic, partition = d.partition,
+                            offset = d.offset, reason = %d.reason, "dead letter");
+                    }
+                    summary.batches += 1;
+                    summary.messages += batch.messages as u64;
+                    summary.transactions += stats.inserted;
+                    summary.dead_letters += batch.dead_letters.len() as u64;
+                    tracing::debug!(seq = batch.seq, rows = stats.inserted, "batch committed");
+                    break;
+                }
+                Err(e) if e.is_retryable() => {
+                    metrics.sink_errors.inc();
+                    if cancel.is_cancelled() {
+                        let since = *cancelled_at.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= shutdown_timeout {
+                            input_cancel.cancel();
+                            let mut left = 1;
+                            while done_rx.try_recv().is_ok() {
+                                left += 1;
+                            }
+                            result = Err(PipelineError::ShutdownIncomplete {
+                                batches: left,
+                                last_error: e,
+                            });
+                            break 'batches;
+                        }
+                    }
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?d, seq = batch.seq, "commit failed; retrying the same batch");
+                    tokio::time::sleep(d).await;
+                }
+                Err(e) => {
+                    input_cancel.cancel();
+                    result = Err(e.into());
+                    break 'batches;
+                }
+            }
+        }
+    }
+    drop(done_rx);
+    input_cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let engine_result = engine_task.await.unwrap_or(Ok(()));
+    result?;
+    engine_result?;
+    Ok(summary)
+}
+
+async fn load_offsets_retrying(
+    sink: &Sink,
+    config: &Config,
+    cancel: &CancellationToken,
+) -> Result<StoredOffsets, PipelineError> {
+    let mut backoff = Backoff::new(config.postgres.retry_initial_ms, config.postgres.retry_max_ms);
+    loop {
+        match sink.load_offsets().await {
+            Ok(o) => return Ok(o),
+            Err(e) if e.is_retryable() && !cancel.is_cancelled() => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "cannot read stored offsets");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The in-process simulator input: one partition (0) per simulated source, paced at
+/// `simulator.rate` messages per second (0: as fast as the pipeline takes them).
+async fn simulate(
+    mut sim: Simulator,
+    config: Arc<Config>,
+    stored: HashMap<(usize, i32), i64>,
+    max_messages: Option<u64>,
+    out: mpsc::Sender<Chunk>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let rate = config.simulator.rate;
+    let per_tick = if rate == 0 { 2000 } else { (rate / 50).max(1) };
+    let mut next_offset: Vec<i64> = (0..config.sources.len())
+        .map(|s| stored.get(&(s, 0)).copied().unwrap_or(0))
+        .collect();
+    let mut produced = 0u64;
+    let start = Instant::now();
+    loop {
+        if cancel.is_cancelled() || max_messages.is_some_and(|m| produced >= m) {
+            return;
+        }
+        let n = max_messages.map_or(per_tick, |m| per_tick.min(m - produced));
+        let mut by_source: Vec<Vec<RawMessage>> = vec![Vec::new(); config.sources.len()];
+        for _ in 0..n {
+            let g = sim.next_message();
+            let offset = next_offset[g.source];
+            next_offset[g.source] += 1;
+            by_source[g.source].push(RawMessage {
+                partition: 0,
+                offset,
+                key: Some(g.key),
+                value: Some(g.value),
+                timestamp_ms: g.event_time_ms,
+            });
+        }
+        produced += n;
+        metrics.messages_in.add(n);
+        for (source, messages) in by_source.into_iter().enumerate() {
+            if messages.is_empty() {
+                continue;
+            }
+            let chunk = Chunk {
+                source,
+                partition: 0,
+                messages,
+                next_offset: next_offset[source],
+            };
+            tokio::select! {
+                r = out.send(chunk) => if r.is_err() { return },
+                _ = cancel.cancelled() => return,
+            }
+        }
+        if rate > 0 {
+            let due = start + Duration::from_secs_f64(produced as f64 / rate as f64);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = cancel.cancelled() => return,
+            }
+        } else {
+            tokio::task::yield_now().await;
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! Kafka input and output with rskafka.
+//!
+//! rskafka has no consumer groups: Payguard reads every partition of every source topic itself and
+//! keeps the offsets in the database, committed with the results. One fetch task per partition
+//! sends [`Chunk`]s into the bounded chunk channel (backpressure stops fetching when the pipeline is
+//! behind). Broker errors are retried with exponential backoff, at the same offset, forever or until
+//! shutdown: a broker restart loses nothing and skips nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rskafka::BackoffConfig;
+use rskafka::client::error::{Error as KafkaClientError, ProtocolError};
+use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder};
+use rskafka::record::Record;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Chunk;
+use crate::config::{KafkaConfig, StartFrom};
+use crate::decode::RawMessage;
+use crate::metrics::Metrics;
+
+/// Errors of the Kafka input and output.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// Could not connect or talk to the brokers.
+    #[error("kafka ({brokers}): {source}")]
+    Client {
+        /// Bootstrap brokers.
+        brokers: String,
+        /// Underlying error.
+        #[source]
+        source: KafkaClientError,
+    },
+    /// A topic has no partitions (it does not exist).
+    #[error("kafka topic {0:?} does not exist (create it, or run `payguard generate --create-topics`)")]
+    NoTopic(String),
+    /// Stopped by shutdown while waiting for the broker.
+    #[error("cancelled while waiting for the broker")]
+    Cancelled,
+}
+
+/// Exponential backoff with a cap.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// Start at `initial`, double up to `max`.
+    pub fn new(initial_ms: u64, max_ms: u64) -> Self {
+        let initial = Duration::from_millis(initial_ms.max(1));
+        Self {
+            initial,
+            max: Duration::from_millis(max_ms.max(initial_ms)),
+            current: initial,
+        }
+    }
+
+    /// The next delay (and double it for the time after).
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        d
+    }
+
+    /// Back to the first delay after a success.
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+/// Connect to the brokers (retrying with backoff until `cancel`).
+pub async fn connect(cfg: &KafkaConfig, cancel: &CancellationToken) -> Result<Client, KafkaError> {
+    let mut backoff = Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms);
+    loop {
+        let builder = ClientBuilder::new(cfg.brokers.clone())
+            .client_id(cfg.client_id.clone())
+            .max_message_size(cfg.fetch_max_bytes as usize * 2 + 1024 * 1024)
+            .backoff_config(BackoffConfig {
+                init_backoff: Duration::from_millis(cfg.retry_initial_ms),
+                max_backoff: Duration::from_millis(cfg.retry_max_ms),
+                base: 2.0,
+                // Let errors come up to us after a while, so they are logged and counted.
+                deadline: Some(Duration::from_secs(10)),
+            });
+        let attempt = tokio::select! {
+            r = builder.build() => r,
+            _ = cancel.cancelled() => return Err(KafkaError::Cancelled),
+        };
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "cannot reach Kafka brokers");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => return Err(KafkaError::Cancelled),
+                }
+            }
+        }
+    }
+}
+
+fn client_err(cfg: &KafkaConfig) -> impl Fn(KafkaClientError) -> KafkaError + '_ {
+    move |source| KafkaError::Client {
+        brokers: cfg.brokers.join(","),
+        source,
+    }
+}
+
+/// Partitions of each topic, in order.
+pub async fn partitions(
+    client: &Client,
+    cfg: &KafkaConfig,
+    topics: &[String],
+) -> Result<Vec<Vec<i32>>, KafkaError> {
+    let listed = client.list_topics().await.map_err(client_err(cfg))?;
+    topics
+        .iter()
+        .map(|t| {
+            listed
+                .iter()
+                .find(|l| &l.name == t)
+                .map(|l| l.partitions.iter().copied().collect::<Vec<_>>())
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| KafkaError::NoTopic(t.clone()))
+        })
+        .collect()
+}
+
+/// Create a topic if it does not exist yet.
+pub async fn ensure_topic(
+    client: &Client,
+    cfg: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let existing = client.list_topics().await.map_err(client_err(cfg))?;
+    if existing.iter().any(|t| t.name == topic) {
+        return Ok(());
+    }
+    let controller = client.controller_client().map_err(client_err(cfg))?;
+    match controller.create_topic(topic, partitions, 1, 10_000).await {
+        Ok(()) => Ok(()),
+        Err(KafkaClientError::ServerError {
+            protocol_error: ProtocolError::TopicAlreadyExists,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(client_err(cfg)(e)),
+    }
+}
+
+/// A partition to consume: where to start and, optionally, where to stop.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    /// Source index.
+    pub source: usize,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Stored offset, if any.
+    pub stored: Option<i64>,
+    /// Stop once this offset is reached (the end offset at start, for `--stop-at-end`).
+    pub stop_at: Option<i64>,
+}
+
+/// Resolve where a partition starts: its stored offset, else earliest/latest per config.
+async fn start_offset(
+    pc: &PartitionClient,
+    stored: Option<i64>,
+    start_from: StartFrom,
+) -> Result<i64, KafkaClientError> {
+    match stored {
+        Some(o) => Ok(o),
+        None => match start_from {
+            StartFrom::Earliest => pc.get_offset(OffsetAt::Earliest).await,
+            StartFrom::Latest => pc.get_offset(OffsetAt::Latest).await,
+        },
+    }
+}
+
+/// End offset (high watermark) of a partition.
+pub async fn end_offset(
+    client: &Client,
+    cfg: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+) -> Result<i64, KafkaError> {
+    let pc = client
+        .partition_client(topic, partition, UnknownTopicHandling::Retry)
+        .await
+        .map_err(client_err(cfg))?;
+    pc.get_offset(OffsetAt::Latest)
+        .await
+        .map_err(client_err(cfg))
+}
+
+/// Fetch one partition into `out` until cancelled, until `stop_at` is reached, or until the
+/// channel closes. Errors are retried with backoff at the same offset.
+pub async fn fetch_partition(
+    client: Arc<Client>,
+    cfg: KafkaConfig,
+    a: Assignment,
+    out: mpsc::Sender<Chunk>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms);
+    let label = format!("{}/{}", a.topic, a.partition);
+    // Connect the partition client and find the start offset.
+    let (pc, mut offset) = loop {
+        let attempt = async {
+            let pc = client
+                .partition_client(a.topic.clone(), a.partition, UnknownTopicHandling::Retry)
+                .await?;
+            let off = start_offset(&pc, a.stored, cfg.start_from).await?;
+            Ok::<_, KafkaClientError>((pc, off))
+        };
+        let r = tokio::select! {
+            r = attempt => r,
+            _ = cancel.cancelled() => return,
+        };
+        match r {
+            Ok(v) => break v,
+            Err(e) => {
+                metrics.broker_errors.inc();
+                let d = backoff.next_delay();
+                tracing::warn!(partition = %label, error = %e, retry_in = ?d, "cannot open partition");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+    };
+    backoff.reset();
+    tracing::info!(partition = %label, offset, stop_at = ?a.stop_at, "consuming");
+    loop {
+        if a.stop_at.is_some_and(|s| offset >= s) {
+            tracing::info!(partition = %label, offset, "reached the end offset");
+            return;
+        }
+        let fetched = tokio::select! {
+            r = pc.fetch_records(offset, 1..cfg.fetch_max_bytes, cfg.fetch_max_wait_ms) => r,
+            _ = cancel.cancelled() => return,
+        };
+        match fetched {
+            Ok((records, high_watermark)) => {
+                backoff.reset();
+                metrics.set_lag(&a.topic, a.partition, high_watermark - offset);
+                let records: Vec<_> = records.into_iter().filter(|r| r.offset >= offset).collect();
+                let Some(last) = records.last() else { continue };
+                let next_offset = last.offset + 1;
+                let messages: Vec<RawMessage> = records
+                    .into_iter()
+                    .filter(|r| a.stop_at.is_none_or(|s| r.offset < s))
+                    .map(|r| RawMessage {
+                        partition: a.partition,
+                        offset: r.offset,
+                        key: r.record.key,
+                        value: r.record.value,
+                        timestamp_ms: r.record.timestamp.timestamp_millis(),
+                    })
+                    .collect();
+                let next_offset = match a.stop_at {
+                    Some(s) => next_offset.min(s),
+                    None => next_offset,
+                };
+                metrics.messages_in.add(messages.len() as u64);
+                let chunk = Chunk {
+                    source: a.source,
+                    partition: a.partition,
+                    messages,
+                    next_offset,
+                };
+                offset = next_offset;
+                tokio::select! {
+                    r = out.send(chunk) => if r.is_err() { return },
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            Err(KafkaClientError::ServerError {
+                protocol_error: ProtocolError::OffsetOutOfRange,
+                ..
+            }) => {
+                // The broker no longer has (or never had) this offset: retention removed it, or
+                // the topic was recreated. Continue at the earliest offset it has, loudly.
+                match pc.get_offset(OffsetAt::Earliest).await {
+                    Ok(earliest) => {
+                        tracing::error!(partition = %label, offset, earliest,
+                            "offset out of range; continuing at the earliest offset the broker keeps");
+                        metrics.offset_resets.inc();
+                        offset = earliest;
+                    }
+                    Err(e) => {
+                        metrics.broker_errors.inc();
+                        tracing::warn!(partition = %label, error = %e, "cannot read earliest offset");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+            Err(e) => {
+                metrics.broker_errors.inc();
+                let d = backoff.next_delay();
+                tracing::warn!(partition = %label, offset, error = %e, retry_in = ?d, "fetch failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Kafka's default partitioner (murmur2 of the key, positive, modulo the partition count), so that
+/// Payguard places a key where the Java client and kcat would.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// Kafka's murmur2 (seed 0x9747b28c).
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = 0x9747_b28c ^ len as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in chunks.by_ref() {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// Producer for one topic: a partition client per partition.
+pub struct TopicProducer {
+    topic: String,
+    partitions: Vec<PartitionClient>,
+}
+
+impl TopicProducer {
+    /// Open partition clients for every partition of `topic`.
+    pub async fn new(client: &Client, cfg: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
+        let parts = partitions(client, cfg, &[topic.to_string()]).await?.remove(0);
+        let mut clients = Vec::with_capacity(parts.len());
+        for p in parts {
+            clients.push(
+                client
+                    .partition_client(topic.to_string(), p, UnknownTopicHandling::Retry)
+                    .await
+                    .map_err(client_err(cfg))?,
+            );
+        }
+        Ok(Self {
+            topic: topic.to_string(),
+            partitions: clients,
+        })
+    }
+
+    /// Number of partitions.
+    pub fn partition_count(&self) -> i32 {
+        self.partitions.len() as i32
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Produce records already grouped by partition index, all partitions concurrently.
+    pub async fn produce(&self, by_partition: HashMap<i32, Vec<Record>>) -> Result<(), KafkaClientError> {
+        let futs = by_partition.into_iter().map(|(p, records)| {
+            let pc = &self.partitions[p as usize];
+            async move {
+                if records.is_empty() {
+                    return Ok(());
+                }
+                pc.produce(records, Compression::NoCompression).await.map(|_| ())
+            }
+        });
+        for r in futures::future::join_all(futs).await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Reference values from Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
+        assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let mut b = Backoff::new(100, 350);
+        let d: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(d, vec![100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 100);
+    }
+}
