@@ -25,13 +25,14 @@ use crate::source::simulator::Simulator;
 /// Cancel `token` on SIGINT or SIGTERM.
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping, committing what is in flight"),
             _ = term.recv() => tracing::info!("SIGTERM: stopping, committing what is in flight"),
@@ -58,8 +59,10 @@ pub async fn connect_sink(
         }
         SinkKind::Postgres => {
             let dir = config.resolve(&config.postgres.migrations);
-            let mut backoff =
-                Backoff::new(config.postgres.retry_initial_ms, config.postgres.retry_max_ms);
+            let mut backoff = Backoff::new(
+                config.postgres.retry_initial_ms,
+                config.postgres.retry_max_ms,
+            );
             loop {
                 match PgSink::connect(&config.postgres, &dir, &config.pipeline.name).await {
                     Ok(s) => {
@@ -111,7 +114,11 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<RunSummary>
     if let Some(h) = api {
         let _ = h.await;
     }
-    let summary = result?;
+    let summary = match result {
+        // Stopped by a signal before the inputs were up: a clean stop, nothing was consumed.
+        Err(pipeline::PipelineError::Kafka(kafka::KafkaError::Cancelled)) => RunSummary::default(),
+        other => other?,
+    };
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         batches = summary.batches,
@@ -199,7 +206,11 @@ pub async fn generate(config: &Config, opts: &GenerateOptions) -> anyhow::Result
                 }
                 producers.push(TopicProducer::new(&client, &config.kafka, &src.topic).await?);
             }
-            let chunk = if opts.rate > 0 { (opts.rate / 20).clamp(1, 5000) } else { 5000 };
+            let chunk = if opts.rate > 0 {
+                (opts.rate / 20).clamp(1, 5000)
+            } else {
+                5000
+            };
             let mut done = 0u64;
             while done < opts.count && !cancel.is_cancelled() {
                 let n = chunk.min(opts.count - done);

@@ -91,10 +91,7 @@ pub fn parse_field_type(s: &str) -> Result<DataType, String> {
         "boolean" | "bool" => DataType::Boolean,
         "timestamp" => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
         _ => {
-            if let Some(args) = t
-                .strip_prefix("decimal(")
-                .and_then(|r| r.strip_suffix(')'))
-            {
+            if let Some(args) = t.strip_prefix("decimal(").and_then(|r| r.strip_suffix(')')) {
                 let (p, sc) = args.split_once(',').ok_or_else(|| {
                     format!("decimal type \"{s}\" needs precision and scale, e.g. decimal(18,2)")
                 })?;
@@ -434,7 +431,10 @@ mod tests {
         assert!(dead[0].1.starts_with("invalid JSON"), "{dead:?}");
         assert_eq!(dead[1].1, "missing required field(s): amount");
         assert!(dead[2].1.starts_with("invalid UTF-8"));
-        assert!(dead[3].1.starts_with("wrong field type or value"), "{dead:?}");
+        assert!(
+            dead[3].1.starts_with("wrong field type or value"),
+            "{dead:?}"
+        );
         assert!(dead[4].1.contains("exceeds kafka.max_message_bytes"));
         assert!(dead[5].1.starts_with("expected a JSON object"), "{dead:?}");
         assert_eq!(dead[6].0, 8);

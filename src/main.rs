@@ -88,8 +88,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rskafka=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -110,11 +114,15 @@ async fn dispatch(command: Command) -> ExitCode {
                 for p in &problems {
                     eprintln!("{}", p.trim_end());
                 }
-                eprintln!("{} problem(s) found", problems.len());
+                let n = problems.len();
+                eprintln!("{n} problem{} found", if n == 1 { "" } else { "s" });
                 ExitCode::from(2)
             }
         }
-        Command::Run { config, stop_at_end } => {
+        Command::Run {
+            config,
+            stop_at_end,
+        } => {
             let config = match app::load_config(&config) {
                 Ok(c) => c,
                 Err(e) => return fail_config(e),
@@ -137,8 +145,10 @@ async fn dispatch(command: Command) -> ExitCode {
                     c.pipeline.sink = payguard::config::SinkKind::Memory;
                     c
                 }),
-                None => payguard::config::demo_default(&std::env::current_dir().unwrap_or_default())
-                    .map_err(|e| anyhow::anyhow!("{e}")),
+                None => {
+                    payguard::config::demo_default(&std::env::current_dir().unwrap_or_default())
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                }
             };
             let mut config = match loaded {
                 Ok(c) => c,

@@ -148,24 +148,63 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &str, &Counter); 8] = [
-            ("payguard_messages_in_total", "Messages received from the inputs.", &self.messages_in),
-            ("payguard_transactions_out_total", "Transactions committed to the sink.", &self.transactions_out),
-            ("payguard_dead_letters_total", "Messages sent to the dead-letter table.", &self.dead_letters),
-            ("payguard_batches_total", "Micro-batches committed.", &self.batches),
-            ("payguard_sink_errors_total", "Failed sink commits (retried).", &self.sink_errors),
-            ("payguard_broker_errors_total", "Kafka errors (retried).", &self.broker_errors),
-            ("payguard_offset_resets_total", "Partitions reset to their earliest offset.", &self.offset_resets),
-            ("payguard_duplicates_total", "Transactions already stored (producer retries).", &self.duplicates),
+            (
+                "payguard_messages_in_total",
+                "Messages received from the inputs.",
+                &self.messages_in,
+            ),
+            (
+                "payguard_transactions_out_total",
+                "Transactions committed to the sink.",
+                &self.transactions_out,
+            ),
+            (
+                "payguard_dead_letters_total",
+                "Messages sent to the dead-letter table.",
+                &self.dead_letters,
+            ),
+            (
+                "payguard_batches_total",
+                "Micro-batches committed.",
+                &self.batches,
+            ),
+            (
+                "payguard_sink_errors_total",
+                "Failed sink commits (retried).",
+                &self.sink_errors,
+            ),
+            (
+                "payguard_broker_errors_total",
+                "Kafka errors (retried).",
+                &self.broker_errors,
+            ),
+            (
+                "payguard_offset_resets_total",
+                "Partitions reset to their earliest offset.",
+                &self.offset_resets,
+            ),
+            (
+                "payguard_duplicates_total",
+                "Transactions already stored (producer retries).",
+                &self.duplicates,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
         }
         let _ = writeln!(
             out,
             "# HELP payguard_consumer_lag Messages behind the partition's high watermark.\n# TYPE payguard_consumer_lag gauge"
         );
         for ((topic, p), lag) in self.lag.lock().expect("lag lock").iter() {
-            let _ = writeln!(out, "payguard_consumer_lag{{topic=\"{topic}\",partition=\"{p}\"}} {lag}");
+            let _ = writeln!(
+                out,
+                "payguard_consumer_lag{{topic=\"{topic}\",partition=\"{p}\"}} {lag}"
+            );
         }
         let _ = writeln!(
             out,
@@ -177,10 +216,16 @@ impl Metrics {
             "payguard_batch_latency_seconds",
             "From a batch's first message to its commit.",
         );
-        self.engine_time
-            .render(&mut out, "payguard_engine_seconds", "Decode and SQL time per batch.");
-        self.sink_time
-            .render(&mut out, "payguard_sink_write_seconds", "Database write time per batch.");
+        self.engine_time.render(
+            &mut out,
+            "payguard_engine_seconds",
+            "Decode and SQL time per batch.",
+        );
+        self.sink_time.render(
+            &mut out,
+            "payguard_sink_write_seconds",
+            "Database write time per batch.",
+        );
         out
     }
 }

@@ -41,7 +41,9 @@ pub enum PipelineError {
     Simulator(#[from] SimulatorError),
     /// Shutdown was asked for while the sink was unreachable; the uncommitted batches will be read
     /// again on the next start.
-    #[error("shutdown: could not commit {batches} in-flight batch(es) within the shutdown timeout: {last_error}")]
+    #[error(
+        "shutdown: could not commit {batches} in-flight batch(es) within the shutdown timeout: {last_error}"
+    )]
     ShutdownIncomplete {
         /// Batches left uncommitted.
         batches: usize,
@@ -104,7 +106,7 @@ pub async fn run(
     match config.pipeline.input {
         InputKind::Kafka => {
             let client = Arc::new(kafka::connect(&config.kafka, &input_cancel).await?);
-            let parts = kafka::partitions(&client, &config.kafka, &topics).await?;
+            let parts = wait_for_topics(&client, &config, &topics, &input_cancel).await?;
             for (source, (topic, ps)) in topics.iter().zip(parts).enumerate() {
                 for p in ps {
                     let stop_at = if opts.stop_at_end {
@@ -166,7 +168,9 @@ pub async fn run(
             let t = Instant::now();
             match engine.process(batch).await {
                 Ok(out) => {
-                    engine_metrics.engine_time.observe(t.elapsed().as_secs_f64());
+                    engine_metrics
+                        .engine_time
+                        .observe(t.elapsed().as_secs_f64());
                     if done_tx.send(out).await.is_err() {
                         break;
                     }
@@ -182,7 +186,10 @@ pub async fn run(
 
     // Sink stage, in this task.
     let mut summary = RunSummary::default();
-    let mut backoff = Backoff::new(config.postgres.retry_initial_ms, config.postgres.retry_max_ms);
+    let mut backoff = Backoff::new(
+        config.postgres.retry_initial_ms,
+        config.postgres.retry_max_ms,
+    );
     let shutdown_timeout = Duration::from_millis(config.pipeline.shutdown_timeout_ms);
     let mut cancelled_at: Option<Instant> = None;
     let mut result = Ok(());
@@ -194,7 +201,9 @@ pub async fn run(
                     backoff.reset();
                     metrics.sink_time.observe(t.elapsed().as_secs_f64());
                     if let Some(opened) = batch.opened_at {
-                        metrics.batch_latency.observe(opened.elapsed().as_secs_f64());
+                        metrics
+                            .batch_latency
+                            .observe(opened.elapsed().as_secs_f64());
                     }
                     metrics.batches.inc();
                     metrics.transactions_out.add(stats.inserted);
@@ -249,12 +258,39 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Partitions of every source topic; a topic that does not exist yet is waited for (it may be
+/// created by its producer after Payguard starts), a broker error retried.
+async fn wait_for_topics(
+    client: &rskafka::client::Client,
+    config: &Config,
+    topics: &[String],
+    cancel: &CancellationToken,
+) -> Result<Vec<Vec<i32>>, PipelineError> {
+    let mut backoff = Backoff::new(config.kafka.retry_initial_ms, config.kafka.retry_max_ms);
+    loop {
+        match kafka::partitions(client, &config.kafka, topics).await {
+            Ok(p) => return Ok(p),
+            Err(e) => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "waiting for the source topics");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => return Err(KafkaError::Cancelled.into()),
+                }
+            }
+        }
+    }
+}
+
 async fn load_offsets_retrying(
     sink: &Sink,
     config: &Config,
     cancel: &CancellationToken,
 ) -> Result<StoredOffsets, PipelineError> {
-    let mut backoff = Backoff::new(config.postgres.retry_initial_ms, config.postgres.retry_max_ms);
+    let mut backoff = Backoff::new(
+        config.postgres.retry_initial_ms,
+        config.postgres.retry_max_ms,
+    );
     loop {
         match sink.load_offsets().await {
             Ok(o) => return Ok(o),

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 #[derive(Debug, Default, Clone)]
 pub struct KeyLines {
     lines: HashMap<String, usize>,
+    paths: HashMap<usize, String>,
 }
 
 impl KeyLines {
@@ -86,7 +87,20 @@ impl KeyLines {
                 }
             }
         }
-        Self { lines }
+        let mut paths = HashMap::new();
+        for (path, line) in &lines {
+            // The longest path set on a line is the most precise one.
+            let e = paths.entry(*line).or_insert_with(String::new);
+            if path.len() > e.len() {
+                *e = path.clone();
+            }
+        }
+        Self { lines, paths }
+    }
+
+    /// The key path set on `line` (the most specific one), if any.
+    pub fn path_at(&self, line: usize) -> Option<&str> {
+        self.paths.get(&line).map(String::as_str)
     }
 
     /// Line of `path`, or of its nearest parent that has one.
@@ -124,7 +138,12 @@ fn inline_keys(line: &str) -> Vec<String> {
             '"' => in_str = !in_str,
             '=' if !in_str => {
                 let seg = &body[start..i];
-                let key = seg.rsplit(',').next().unwrap_or(seg).trim().trim_matches('"');
+                let key = seg
+                    .rsplit(',')
+                    .next()
+                    .unwrap_or(seg)
+                    .trim()
+                    .trim_matches('"');
                 if !key.is_empty() {
                     keys.push(key.to_string());
                 }

@@ -346,8 +346,12 @@ impl EnvOverrides {
     /// Read the overrides from the process environment.
     pub fn from_env() -> Self {
         Self {
-            postgres_url: std::env::var(ENV_POSTGRES_URL).ok().filter(|s| !s.is_empty()),
-            kafka_brokers: std::env::var(ENV_KAFKA_BROKERS).ok().filter(|s| !s.is_empty()),
+            postgres_url: std::env::var(ENV_POSTGRES_URL)
+                .ok()
+                .filter(|s| !s.is_empty()),
+            kafka_brokers: std::env::var(ENV_KAFKA_BROKERS)
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 }

@@ -71,6 +71,7 @@ const MAX_PASSES: usize = 64;
 /// the config parsed from what is left (if anything parses) and the errors.
 pub(super) fn parse_collecting(text: &str, file: &Path) -> (Option<Config>, Vec<ConfigError>) {
     let mut scratch: Vec<String> = text.lines().map(str::to_string).collect();
+    let key_lines = KeyLines::scan(text);
     let mut errors = Vec::new();
     for _ in 0..MAX_PASSES {
         let current = scratch.join("\n");
@@ -79,8 +80,12 @@ pub(super) fn parse_collecting(text: &str, file: &Path) -> (Option<Config>, Vec<
             Err(e) => {
                 let line = e.span().map(|s| line_of_offset(&current, s.start));
                 let key = line
-                    .and_then(|l| scratch.get(l - 1))
-                    .map(|l| key_of_line(l))
+                    .and_then(|l| {
+                        key_lines
+                            .path_at(l)
+                            .map(str::to_string)
+                            .or_else(|| scratch.get(l - 1).map(|t| key_of_line(t)))
+                    })
                     .unwrap_or_default();
                 errors.push(ConfigError {
                     file: file.to_path_buf(),
@@ -155,10 +160,7 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
 
     let p = &config.pipeline;
     if p.name.trim().is_empty() || p.name.len() > 100 {
-        err(
-            "pipeline.name".into(),
-            "must be 1 to 100 characters".into(),
-        );
+        err("pipeline.name".into(), "must be 1 to 100 characters".into());
     }
     if !(1..=1_000_000).contains(&p.batch_max_rows) {
         err(
@@ -347,7 +349,9 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
                 format!("must be between 1 and 1000, got {}", src.partitions),
             );
         }
-        if !src.simulator.is_empty() && !crate::source::simulator::SHAPES.contains(&src.simulator.as_str()) {
+        if !src.simulator.is_empty()
+            && !crate::source::simulator::SHAPES.contains(&src.simulator.as_str())
+        {
             err(
                 at("simulator"),
                 format!(
@@ -427,11 +431,15 @@ fields = [
         assert_eq!(errs.len(), 3, "{errs:#?}");
         assert!(errs[0].starts_with("test.toml:2: pipeline.batch_max_rows: must be between"));
         assert!(
-            errs[1].starts_with("test.toml:3: batch_max_wait: unknown field"),
+            errs[1].starts_with("test.toml:3: pipeline.batch_max_wait: unknown field"),
             "{}",
             errs[1]
         );
-        assert!(errs[2].starts_with("test.toml:4: queue_depth: "), "{}", errs[2]);
+        assert!(
+            errs[2].starts_with("test.toml:4: pipeline.queue_depth: "),
+            "{}",
+            errs[2]
+        );
     }
 
     #[test]

@@ -50,12 +50,7 @@ pub const COLUMNS: &[(&str, CanonicalType, bool, &str)] = &[
         true,
         "ISO 4217 currency code",
     ),
-    (
-        "customer_id",
-        CanonicalType::Text,
-        false,
-        "paying customer",
-    ),
+    ("customer_id", CanonicalType::Text, false, "paying customer"),
     (
         "account_id",
         CanonicalType::Text,
@@ -148,7 +143,10 @@ impl CanonicalType {
             Self::Time => matches!(from, DataType::Timestamp(_, _) | DataType::Null),
             Self::Money => match from {
                 DataType::Decimal128(p, s) => {
-                    *s >= 0 && *s <= AMOUNT_SCALE && (*p as i16 - *s as i16) <= (AMOUNT_PRECISION as i16 - AMOUNT_SCALE as i16)
+                    *s >= 0
+                        && *s <= AMOUNT_SCALE
+                        && (*p as i16 - *s as i16)
+                            <= (AMOUNT_PRECISION as i16 - AMOUNT_SCALE as i16)
                 }
                 DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => true,
                 DataType::Null => true,
@@ -156,7 +154,11 @@ impl CanonicalType {
             },
             Self::Coordinate => matches!(
                 from,
-                DataType::Float64 | DataType::Float32 | DataType::Int32 | DataType::Int64 | DataType::Null
+                DataType::Float64
+                    | DataType::Float32
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::Null
             ),
         }
     }
@@ -228,8 +230,13 @@ impl Conformer {
             }
         }
         for f in mapped.fields() {
-            let provenance = [crate::decode::PARTITION_COLUMN, crate::decode::OFFSET_COLUMN];
-            if !COLUMNS.iter().any(|(n, ..)| n == f.name()) && !provenance.contains(&f.name().as_str()) {
+            let provenance = [
+                crate::decode::PARTITION_COLUMN,
+                crate::decode::OFFSET_COLUMN,
+            ];
+            if !COLUMNS.iter().any(|(n, ..)| n == f.name())
+                && !provenance.contains(&f.name().as_str())
+            {
                 problems.push(format!(
                     "column `{}` is not a canonical column (known: {})",
                     f.name(),
@@ -251,7 +258,10 @@ impl Conformer {
 
     /// Convert one batch. Rows with a null in a required column (the mapping computed nothing for
     /// it) are not returned as rows but as [`RejectedRow`]s, to be dead-lettered.
-    pub fn conform(&self, batch: &RecordBatch) -> Result<(RecordBatch, Vec<RejectedRow>), ArrowError> {
+    pub fn conform(
+        &self,
+        batch: &RecordBatch,
+    ) -> Result<(RecordBatch, Vec<RejectedRow>), ArrowError> {
         let schema = schema();
         let columns = self
             .plans
@@ -274,7 +284,7 @@ impl Conformer {
         }
         let mut keep = vec![true; batch.num_rows()];
         let mut rejected = Vec::new();
-        for row in 0..batch.num_rows() {
+        for (row, kept) in keep.iter_mut().enumerate() {
             let missing: Vec<&str> = self
                 .required
                 .iter()
@@ -282,7 +292,7 @@ impl Conformer {
                 .map(|c| COLUMNS[*c].0)
                 .collect();
             if !missing.is_empty() {
-                keep[row] = false;
+                *kept = false;
                 rejected.push(RejectedRow {
                     partition: self.partition_col.and_then(|c| {
                         batch
@@ -358,7 +368,10 @@ mod tests {
         assert!(err.contains("column `event_time` is Utf8"), "{err}");
         assert!(err.contains("required column `source` is missing"), "{err}");
         assert!(err.contains("column `amount` is Float64"), "{err}");
-        assert!(err.contains("`merchnat_id` is not a canonical column"), "{err}");
+        assert!(
+            err.contains("`merchnat_id` is not a canonical column"),
+            "{err}"
+        );
     }
 
     #[test]

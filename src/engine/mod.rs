@@ -195,8 +195,14 @@ mod tests {
         let batch = Batch {
             seq: 1,
             messages: vec![vec![
-                msg(0, r#"{"auth_id":"a1","ts":"2026-11-01T10:00:00.250Z","pan_token":"tok_1","customer_ref":"cus_1","merchant_id":"mer_1","terminal_id":"ter_1_0","mcc":"5411","amount":"12.30","currency":"brl","country":"br","entry_mode":"chip","lat":-23.5,"lon":-46.6,"is_fraud":false}"#),
-                msg(1, r#"{"auth_id":"a2","ts":"2026-11-01T10:00:01Z","pan_token":"tok_2","merchant_id":"mer_2","amount":7,"currency":"USD","entry_mode":"ecommerce"}"#),
+                msg(
+                    0,
+                    r#"{"auth_id":"a1","ts":"2026-11-01T10:00:00.250Z","pan_token":"tok_1","customer_ref":"cus_1","merchant_id":"mer_1","terminal_id":"ter_1_0","mcc":"5411","amount":"12.30","currency":"brl","country":"br","entry_mode":"chip","lat":-23.5,"lon":-46.6,"is_fraud":false}"#,
+                ),
+                msg(
+                    1,
+                    r#"{"auth_id":"a2","ts":"2026-11-01T10:00:01Z","pan_token":"tok_2","merchant_id":"mer_2","amount":7,"currency":"USD","entry_mode":"ecommerce"}"#,
+                ),
                 msg(2, r#"{"auth_id":"a3""#),
             ]],
             offsets: vec![],

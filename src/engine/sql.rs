@@ -264,7 +264,12 @@ fn error_line(message: &str, sql: &str) -> Option<usize> {
             .map(|(i, _)| i + 1)
             .last();
     }
-    for marker in ["No field named ", "table '", "Invalid function '", "function '"] {
+    for marker in [
+        "No field named ",
+        "table '",
+        "Invalid function '",
+        "function '",
+    ] {
         if let Some(pos) = message.find(marker) {
             let rest = &message[pos + marker.len()..];
             let ident: String = rest
@@ -324,14 +329,33 @@ mod tests {
         )
         .await
         .unwrap();
-        let out1 = q.execute(vec![batch(&["a", "b", "c"], &[1, 2, 3])]).await.unwrap();
+        let out1 = q
+            .execute(vec![batch(&["a", "b", "c"], &[1, 2, 3])])
+            .await
+            .unwrap();
         datafusion::assert_batches_eq!(
-            ["+----+----+", "| id | n2 |", "+----+----+", "| c  | 6  |", "| b  | 4  |", "+----+----+"],
+            [
+                "+----+----+",
+                "| id | n2 |",
+                "+----+----+",
+                "| c  | 6  |",
+                "| b  | 4  |",
+                "+----+----+"
+            ],
             &out1
         );
-        let out2 = q.execute(vec![batch(&["x"], &[10]), batch(&["y"], &[0])]).await.unwrap();
+        let out2 = q
+            .execute(vec![batch(&["x"], &[10]), batch(&["y"], &[0])])
+            .await
+            .unwrap();
         datafusion::assert_batches_eq!(
-            ["+----+----+", "| id | n2 |", "+----+----+", "| x  | 20 |", "+----+----+"],
+            [
+                "+----+----+",
+                "| id | n2 |",
+                "+----+----+",
+                "| x  | 20 |",
+                "+----+----+"
+            ],
             &out2
         );
         let out3 = q.execute(vec![]).await.unwrap();
@@ -350,18 +374,19 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert!(text.starts_with("m.sql:2: "), "{text}");
-        let err = CompiledQuery::compile(Path::new("m.sql"), "SELECT id\nFROM input\nWHERE", "input", schema())
-            .await
-            .unwrap_err();
-        assert!(err.to_string().starts_with("m.sql:3: "), "{err}");
         let err = CompiledQuery::compile(
             Path::new("m.sql"),
-            "SELECT 1; SELECT 2",
+            "SELECT id\nFROM input\nWHERE",
             "input",
             schema(),
         )
         .await
         .unwrap_err();
+        assert!(err.to_string().starts_with("m.sql:3: "), "{err}");
+        let err =
+            CompiledQuery::compile(Path::new("m.sql"), "SELECT 1; SELECT 2", "input", schema())
+                .await
+                .unwrap_err();
         assert!(err.to_string().contains("exactly one SELECT"), "{err}");
     }
 }

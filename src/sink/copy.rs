@@ -43,8 +43,12 @@ fn typed<'a>(name: &str, a: &'a ArrayRef) -> Result<Col<'a>, CopyError> {
     };
     Ok(match a.data_type() {
         DataType::Utf8 => Col::Text(any.downcast_ref().ok_or_else(err)?),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => Col::Millis(any.downcast_ref().ok_or_else(err)?),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => Col::Micros(any.downcast_ref().ok_or_else(err)?),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            Col::Millis(any.downcast_ref().ok_or_else(err)?)
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            Col::Micros(any.downcast_ref().ok_or_else(err)?)
+        }
         DataType::Decimal128(_, s) => Col::Decimal(any.downcast_ref().ok_or_else(err)?, *s),
         DataType::Float64 => Col::F64(any.downcast_ref().ok_or_else(err)?),
         DataType::Int64 => Col::I64(any.downcast_ref().ok_or_else(err)?),
@@ -139,12 +143,21 @@ pub fn write_decimal(v: i128, scale: i8, out: &mut Vec<u8>) {
     if neg {
         out.push(b'-');
     }
-    let _ = write!(out, "{}.{:0width$}", abs / div, abs % div, width = scale as usize);
+    let _ = write!(
+        out,
+        "{}.{:0width$}",
+        abs / div,
+        abs % div,
+        width = scale as usize
+    );
 }
 
 fn escape_text(s: &str, out: &mut Vec<u8>) {
     let bytes = s.as_bytes();
-    if !bytes.iter().any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) {
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
         out.extend_from_slice(bytes);
         return;
     }
@@ -169,7 +182,11 @@ mod tests {
     fn encodes_rows_exactly() {
         let schema = Arc::new(Schema::new(vec![
             Field::new("s", DataType::Utf8, true),
-            Field::new("t", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+            Field::new(
+                "t",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
             Field::new("d", DataType::Decimal128(18, 2), false),
             Field::new("f", DataType::Float64, true),
         ]));
@@ -178,7 +195,8 @@ mod tests {
             vec![
                 Arc::new(StringArray::from(vec![Some("a\tb\\c\nd"), None])),
                 Arc::new(
-                    TimestampMillisecondArray::from(vec![1_762_000_000_123, 0]).with_timezone("UTC"),
+                    TimestampMillisecondArray::from(vec![1_762_000_000_123, 0])
+                        .with_timezone("UTC"),
                 ),
                 Arc::new(
                     Decimal128Array::from(vec![123_456, -5])

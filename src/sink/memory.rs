@@ -118,11 +118,23 @@ impl MemorySink {
 
     /// The most recent batches of rows.
     pub fn recent(&self) -> Vec<RecordBatch> {
-        self.store.lock().expect("store lock").recent.iter().cloned().collect()
+        self.store
+            .lock()
+            .expect("store lock")
+            .recent
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The most recent dead letters.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.store.lock().expect("store lock").dead.iter().cloned().collect()
+        self.store
+            .lock()
+            .expect("store lock")
+            .dead
+            .iter()
+            .cloned()
+            .collect()
     }
 }

@@ -49,10 +49,13 @@ impl PgSink {
                 dir: migrations.display().to_string(),
                 source,
             })?;
-        migrator.run(&pool).await.map_err(|source| SinkError::Migrate {
-            dir: migrations.display().to_string(),
-            source,
-        })?;
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|source| SinkError::Migrate {
+                dir: migrations.display().to_string(),
+                source,
+            })?;
         let column_list = COLUMNS.iter().map(|c| c.0).collect::<Vec<_>>().join(", ");
         Ok(Self {
             pool,
@@ -77,7 +80,12 @@ impl PgSink {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2)))
+            .map(|r| {
+                (
+                    (r.get::<String, _>(0), r.get::<i32, _>(1)),
+                    r.get::<i64, _>(2),
+                )
+            })
             .collect())
     }
 
@@ -85,9 +93,8 @@ impl PgSink {
     pub async fn commit(&self, batch: &SinkBatch) -> Result<CommitStats, SinkError> {
         let mut data = Vec::with_capacity(batch.rows() * 200);
         for b in &batch.transactions {
-            copy::encode(b, &mut data).map_err(|e| {
-                SinkError::Database(sqlx::Error::Encode(Box::new(e)))
-            })?;
+            copy::encode(b, &mut data)
+                .map_err(|e| SinkError::Database(sqlx::Error::Encode(Box::new(e))))?;
         }
         match self.commit_once(batch, &data, false).await {
             Err(SinkError::Database(sqlx::Error::Database(e)))

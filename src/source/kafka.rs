@@ -36,7 +36,9 @@ pub enum KafkaError {
         source: KafkaClientError,
     },
     /// A topic has no partitions (it does not exist).
-    #[error("kafka topic {0:?} does not exist (create it, or run `payguard generate --create-topics`)")]
+    #[error(
+        "kafka topic {0:?} does not exist (create it, or run `payguard generate --create-topics`)"
+    )]
     NoTopic(String),
     /// Stopped by shutdown while waiting for the broker.
     #[error("cancelled while waiting for the broker")]
@@ -366,7 +368,9 @@ pub struct TopicProducer {
 impl TopicProducer {
     /// Open partition clients for every partition of `topic`.
     pub async fn new(client: &Client, cfg: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
-        let parts = partitions(client, cfg, &[topic.to_string()]).await?.remove(0);
+        let parts = partitions(client, cfg, &[topic.to_string()])
+            .await?
+            .remove(0);
         let mut clients = Vec::with_capacity(parts.len());
         for p in parts {
             clients.push(
@@ -393,14 +397,19 @@ impl TopicProducer {
     }
 
     /// Produce records already grouped by partition index, all partitions concurrently.
-    pub async fn produce(&self, by_partition: HashMap<i32, Vec<Record>>) -> Result<(), KafkaClientError> {
+    pub async fn produce(
+        &self,
+        by_partition: HashMap<i32, Vec<Record>>,
+    ) -> Result<(), KafkaClientError> {
         let futs = by_partition.into_iter().map(|(p, records)| {
             let pc = &self.partitions[p as usize];
             async move {
                 if records.is_empty() {
                     return Ok(());
                 }
-                pc.produce(records, Compression::NoCompression).await.map(|_| ())
+                pc.produce(records, Compression::NoCompression)
+                    .await
+                    .map(|_| ())
             }
         });
         for r in futures::future::join_all(futs).await {
@@ -421,7 +430,10 @@ mod tests {
         assert_eq!(murmur2(b"foobar") as i32, -790332482);
         assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
         assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
-        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
+            -58897971
+        );
         assert_eq!(murmur2(b"abc") as i32, 479470107);
     }
 

@@ -255,7 +255,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closes_a_batch_on_time() {
-        let b = Batcher::new(vec!["t".into()], 1000, Duration::from_millis(100), HashMap::new());
+        let b = Batcher::new(
+            vec!["t".into()],
+            1000,
+            Duration::from_millis(100),
+            HashMap::new(),
+        );
         let (tx, rx) = mpsc::channel(16);
         let (otx, mut orx) = mpsc::channel(16);
         tokio::spawn(b.run(rx, otx));

@@ -1,0 +1,141 @@
+//! The command line as a user meets it: help, version, `check` reporting every problem at once,
+//! and the self-contained demo. No external service is needed.
+
+mod common;
+
+use std::process::Command;
+
+fn payguard(args: &[&str]) -> std::process::Output {
+    Command::new(common::bin())
+        .args(args)
+        .current_dir(common::repo())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_command_has_help_and_there_is_a_version() {
+    for cmd in ["run", "demo", "generate", "check"] {
+        let out = payguard(&[cmd, "--help"]);
+        assert!(out.status.success(), "{cmd} --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Usage: payguard"), "{cmd}: {text}");
+        assert!(text.contains("--config"), "{cmd}: {text}");
+    }
+    let out = payguard(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("payguard {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let out = payguard(&["check", "--config", "config.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_reports_all_three_mistakes_with_their_lines() {
+    let text = std::fs::read_to_string(common::repo().join("config.toml")).unwrap();
+    let broken = text
+        // 1: a value out of range
+        .replacen("batch_max_rows = 20000", "batch_max_rows = 0", 1)
+        // 2: an unknown key (a typo)
+        .replacen("fetch_max_wait_ms = 100", "fetch_max_wiat_ms = 100", 1)
+        // 3: a wrong type
+        .replacen("max_connections = 4", "max_connections = \"four\"", 1);
+    assert_ne!(broken, text);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, &broken).unwrap();
+    // The SQL files are looked up next to the config.
+    std::os::unix::fs::symlink(common::repo().join("sql"), dir.path().join("sql")).unwrap();
+
+    let out = payguard(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line_of = |needle: &str| {
+        broken
+            .lines()
+            .position(|l| l.contains(needle))
+            .map(|i| i + 1)
+            .unwrap()
+    };
+    let p = path.display();
+    for (needle, key, what) in [
+        (
+            "batch_max_rows = 0",
+            "pipeline.batch_max_rows",
+            "must be between 1 and 1000000",
+        ),
+        (
+            "fetch_max_wiat_ms",
+            "kafka.fetch_max_wiat_ms",
+            "unknown field",
+        ),
+        (
+            "max_connections = \"four\"",
+            "postgres.max_connections",
+            "invalid type",
+        ),
+    ] {
+        let expected = format!("{p}:{}: {key}: {what}", line_of(needle));
+        assert!(err.contains(&expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(err.contains("3 problems"), "{err}");
+}
+
+#[test]
+fn check_reports_sql_problems_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("sql/sources")).unwrap();
+    std::fs::create_dir_all(dir.path().join("sql/migrations")).unwrap();
+    let sql = std::fs::read_to_string(common::repo().join("sql/sources/card.sql")).unwrap();
+    let broken = sql.replacen(
+        "pan_token                       AS card_id",
+        "pan_tokn AS card_id",
+        1,
+    );
+    assert_ne!(broken, sql);
+    std::fs::write(dir.path().join("sql/sources/card.sql"), &broken).unwrap();
+    let cfg = std::fs::read_to_string(common::repo().join("config.toml")).unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = payguard(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = broken.lines().position(|l| l.contains("pan_tokn")).unwrap() + 1;
+    let file = dir.path().join("sql/sources/card.sql");
+    assert!(
+        err.contains(&format!("{}:{line}: ", file.display())) && err.contains("pan_tokn"),
+        "{err}"
+    );
+}
+
+#[test]
+fn demo_runs_the_whole_pipeline_without_any_service() {
+    let out = Command::new(common::bin())
+        .args([
+            "demo",
+            "--count",
+            "20000",
+            "--rate",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(common::repo())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("messages=20000"), "{err}");
+    assert!(err.contains("transactions=20000"), "{err}");
+}

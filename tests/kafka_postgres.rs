@@ -1,0 +1,177 @@
+//! End-to-end tests of the foundation slice against the real Kafka broker and PostgreSQL server
+//! (started by `.ci/run`, or `bash .ci/services.sh up`): generate -> Kafka -> payguard run ->
+//! PostgreSQL, exactly-once across stops, restarts and crashes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestEnv, signal};
+
+const PARTITIONS: i32 = 3;
+
+/// Everything produced is stored exactly once and the stored offsets are the topic's end offsets.
+async fn assert_exactly_once(env: &TestEnv, produced: i64) {
+    assert_eq!(env.transactions().await, produced, "rows stored");
+    assert_eq!(
+        env.scalar("SELECT count(DISTINCT transaction_id) FROM transactions")
+            .await,
+        produced,
+        "distinct ids"
+    );
+    assert_eq!(
+        env.stored_offsets().await,
+        env.end_offsets(PARTITIONS),
+        "offsets = end offsets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_thousand_transactions_over_three_partitions_are_stored_once() {
+    let env = TestEnv::new("fifty_k", |_| {}).await;
+    env.generate(50_000, &[]);
+    let ends = env.end_offsets(PARTITIONS);
+    assert_eq!(ends.len(), 3);
+    assert!(
+        ends.iter().all(|(_, o)| *o > 10_000),
+        "keys spread over all partitions: {ends:?}"
+    );
+    assert_eq!(ends.iter().map(|(_, o)| o).sum::<i64>(), 50_000);
+
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_exactly_once(&env, 50_000).await;
+
+    // Money is exact: the stored sum equals the sum of the amounts in the produced messages.
+    let out = std::process::Command::new("kcat")
+        .args(["-C", "-b", &common::brokers(), "-t", &env.topic, "-e", "-q"])
+        .output()
+        .unwrap();
+    let mut cents: i64 = 0;
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (units, frac) = v["amount"].as_str().unwrap().split_once('.').unwrap();
+        cents += units.parse::<i64>().unwrap() * 100 + frac.parse::<i64>().unwrap();
+    }
+    let stored = env
+        .scalar("SELECT (sum(amount) * 100)::bigint FROM transactions")
+        .await;
+    assert_eq!(stored, cents);
+
+    // A second run finds nothing new and changes nothing.
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_exactly_once(&env, 50_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_and_crash_mid_stream_then_restart_loses_and_repeats_nothing() {
+    let env = TestEnv::new("restart", |t| {
+        let p = t["pipeline"].as_table_mut().unwrap();
+        p.insert("batch_max_rows".into(), 500.into());
+        p.insert("batch_max_wait_ms".into(), 20.into());
+    })
+    .await;
+    // The producer keeps going while the consumer is stopped and crashed.
+    let producer = env.spawn(&["generate", "--count", "60000", "--rate", "12000", "-q"]);
+
+    // 1. Graceful stop with SIGTERM mid-stream: exit code 0, what was in flight is committed.
+    let run = env.spawn(&["run"]);
+    env.wait_for("rows to arrive", Duration::from_secs(60), || async {
+        env.transactions().await > 5_000
+    })
+    .await;
+    signal(&run, "TERM");
+    let (status, log) = env.wait(run, Duration::from_secs(30));
+    assert!(status.success(), "SIGTERM exit: {status}\n{log}");
+    let after_term = env.transactions().await;
+    assert!(after_term < 60_000, "the stop was mid-stream");
+    let offsets: i64 = env.stored_offsets().await.iter().map(|(_, o)| o).sum();
+    assert_eq!(
+        offsets, after_term,
+        "stored offsets cover exactly the stored rows"
+    );
+
+    // 2. Crash with SIGKILL mid-stream: the uncommitted batch is simply read again.
+    let run = env.spawn(&["run"]);
+    env.wait_for("more rows", Duration::from_secs(60), || async {
+        env.transactions().await > after_term + 5_000
+    })
+    .await;
+    signal(&run, "KILL");
+    let _ = env.wait(run, Duration::from_secs(30));
+    let after_kill = env.transactions().await;
+    let offsets: i64 = env.stored_offsets().await.iter().map(|(_, o)| o).sum();
+    assert_eq!(offsets, after_kill, "rows and offsets committed together");
+
+    let (status, log) = env.wait(producer, Duration::from_secs(120));
+    assert!(status.success(), "producer: {log}");
+    // 3. Restart and catch up.
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_exactly_once(&env, 60_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_messages_are_dead_lettered_and_the_rest_of_the_batch_is_kept() {
+    let env = TestEnv::new("bad_input", |_| {}).await;
+    env.generate(3_000, &[]);
+    let good = br#"{"auth_id":"kcat-good-1","ts":"2026-11-01T12:00:00Z","pan_token":"tok_x","merchant_id":"mer_1","amount":"10.00","currency":"BRL"}"#;
+    let bad: Vec<&[u8]> = vec![
+        b"this is not json",
+        br#"{"auth_id":"kcat-missing-amount","ts":"2026-11-01T12:00:00Z","pan_token":"tok_x","merchant_id":"mer_1","currency":"BRL"}"#,
+        br#"{"auth_id":"kcat-bad-amount","ts":"2026-11-01T12:00:00Z","pan_token":"tok_x","merchant_id":"mer_1","amount":"ten","currency":"BRL"}"#,
+        b"\xc3\x28 invalid utf-8",
+        good,
+    ];
+    env.kcat_produce(1, &bad);
+    env.generate(2_000, &["--seed", "99"]);
+
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_eq!(
+        env.transactions().await,
+        5_001,
+        "every good message is stored"
+    );
+    assert_eq!(env.scalar("SELECT count(*) FROM dead_letters").await, 4);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transactions WHERE transaction_id = 'kcat-good-1'")
+            .await,
+        1
+    );
+    let mut c = env.db().await;
+    let rows: Vec<(String, i32, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT topic, kafka_partition, raw, reason FROM dead_letters ORDER BY kafka_offset",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert!(rows.iter().all(|r| r.0 == env.topic && r.1 == 1));
+    assert_eq!(rows[0].2, b"this is not json");
+    assert!(rows[0].3.starts_with("invalid JSON"), "{}", rows[0].3);
+    assert_eq!(rows[1].3, "missing required field(s): amount");
+    assert!(
+        rows[2].3.contains("wrong field type or value"),
+        "{}",
+        rows[2].3
+    );
+    assert_eq!(rows[3].2, b"\xc3\x28 invalid utf-8");
+    assert!(rows[3].3.starts_with("invalid UTF-8"), "{}", rows[3].3);
+    // Dead letters move the offsets too: nothing is read twice.
+    assert_exactly_once(&env, 5_001).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producer_retry_is_stored_once() {
+    let env = TestEnv::new("dupes", |_| {}).await;
+    let msg = br#"{"auth_id":"dup-1","ts":"2026-11-01T12:00:00Z","pan_token":"tok_d","merchant_id":"mer_1","amount":"99.99","currency":"BRL"}"#;
+    env.kcat_produce(0, &[msg, msg]);
+    env.run_ok(&["run", "--stop-at-end"]);
+    env.kcat_produce(2, &[msg]);
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_eq!(env.transactions().await, 1);
+    assert_eq!(
+        env.stored_offsets().await,
+        env.end_offsets(PARTITIONS)
+            .into_iter()
+            .filter(|(_, o)| *o > 0)
+            .collect::<Vec<_>>()
+    );
+}
