@@ -251,7 +251,11 @@ impl Simulator {
         self.seq += 1;
 
         // A fraud episode due at this simulated time plays its next transaction.
-        if let Some(i) = self.episodes.iter().position(|e| e.next_at_ms <= self.clock_ms) {
+        if let Some(i) = self
+            .episodes
+            .iter()
+            .position(|e| e.next_at_ms <= self.clock_ms)
+        {
             let ep = self.episodes[i].clone();
             let gap = ep.scenario.gap_ms(&mut self.rng);
             let e = &mut self.episodes[i];
@@ -295,7 +299,9 @@ impl Simulator {
             self.rng.random_range(0..self.merchants.len() as u32)
         };
         let z: f64 = normal(&mut self.rng);
-        let cents = (cust.amount_mu + cust.amount_sigma * z).exp().clamp(100.0, 5_000_000.0) as i64;
+        let cents = (cust.amount_mu + cust.amount_sigma * z)
+            .exp()
+            .clamp(100.0, 5_000_000.0) as i64;
         let (lat, lon) = (cust.home_lat, cust.home_lon);
         self.write_card(out, c, card, m, cents, lat, lon, None)
     }
@@ -307,14 +313,32 @@ impl Simulator {
                 // Tiny online charges, minutes apart, at online merchants.
                 let m = self.pick_merchant(|m| m.ecommerce);
                 let cents = self.rng.random_range(50..300);
-                self.write_card(out, ep.customer, ep.card, m, cents, cust.home_lat, cust.home_lon, Some(ep.scenario))
+                self.write_card(
+                    out,
+                    ep.customer,
+                    ep.card,
+                    m,
+                    cents,
+                    cust.home_lat,
+                    cust.home_lon,
+                    Some(ep.scenario),
+                )
             }
             Scenario::StolenCardSpree => {
                 let m = self.pick_merchant(|m| matches!(m.mcc, "5732" | "5944" | "5311" | "5651"));
                 let cents = self.rng.random_range(80_000..900_000);
                 let mer = &self.merchants[m as usize];
                 let (lat, lon) = (mer.lat, mer.lon);
-                self.write_card(out, ep.customer, ep.card, m, cents, lat, lon, Some(ep.scenario))
+                self.write_card(
+                    out,
+                    ep.customer,
+                    ep.card,
+                    m,
+                    cents,
+                    lat,
+                    lon,
+                    Some(ep.scenario),
+                )
             }
         }
     }
@@ -353,17 +377,26 @@ impl Simulator {
             "chip"
         };
         let three_ds = if online {
-            if scenario.is_some() { "attempted" } else { "authenticated" }
+            if scenario.is_some() {
+                "attempted"
+            } else {
+                "authenticated"
+            }
         } else {
             "none"
         };
-        let cvv = if online && scenario == Some(Scenario::CardTesting) && self.rng.random_bool(0.4) {
+        let cvv = if online && scenario == Some(Scenario::CardTesting) && self.rng.random_bool(0.4)
+        {
             "N"
         } else {
             "M"
         };
         let key = format!("tok_{card:08}").into_bytes();
-        let _ = write!(out, "{{\"auth_id\":\"auth-{:x}-{:010}\",\"ts\":\"", self.seed, self.seq);
+        let _ = write!(
+            out,
+            "{{\"auth_id\":\"auth-{:x}-{:010}\",\"ts\":\"",
+            self.seed, self.seq
+        );
         write_rfc3339_ms(out, self.clock_ms);
         let _ = write!(
             out,
@@ -448,7 +481,9 @@ mod tests {
 
     fn sources() -> Vec<SourceConfig> {
         let text = include_str!("../../config.toml");
-        toml::from_str::<crate::config::Config>(text).unwrap().sources
+        toml::from_str::<crate::config::Config>(text)
+            .unwrap()
+            .sources
     }
 
     #[test]
