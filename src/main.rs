@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use payguard::app::{self, GenerateOptions, GenerateOutput};
 use payguard::pipeline::RunOptions;
+use payguard::source::simulator::SimulatorParams;
 
 /// Real-time payment fraud detection: Kafka -> SQL features and rules -> model scoring ->
 /// PostgreSQL/TimescaleDB, exactly-once.
@@ -45,26 +47,57 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Generate simulated payment messages to the sources' Kafka topics or to a JSON-lines file.
+    /// Generate simulated payment messages (every configured source's shape, with labelled fraud
+    /// scenarios) to the sources' Kafka topics or to JSON-lines files.
     Generate {
         /// Config file.
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
-        /// Number of messages.
-        #[arg(long, default_value_t = 10_000)]
-        count: u64,
-        /// Messages per second (0 = as fast as possible).
+        /// Number of messages, all sources together [default: 10000, or no limit with --duration].
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds of wall time.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+        /// Messages per second of wall time (0 = as fast as possible).
         #[arg(long, default_value_t = 0)]
         rate: u64,
         /// Random seed (default: simulator.seed). Same seed, same bytes.
         #[arg(long)]
         seed: Option<u64>,
-        /// Simulated transactions per simulated second: how fast the simulated clock runs.
-        #[arg(long, default_value_t = 50.0)]
-        simulated_tps: f64,
-        /// Write to this JSON-lines file instead of Kafka.
+        /// Simulated start time, RFC 3339 (default: simulator.start_time).
+        #[arg(long, value_name = "RFC3339")]
+        start_time: Option<String>,
+        /// Simulated transactions per simulated second: how fast the simulated clock runs
+        /// [default: the population's own rate, customers x payments per day / 86400].
         #[arg(long)]
+        simulated_tps: Option<f64>,
+        /// Simulated seconds per wall second. With --rate it sets how fast the simulated clock
+        /// runs; without, the rate becomes the population's own rate times this.
+        #[arg(long)]
+        speedup: Option<f64>,
+        /// Generate only this source (repeat, or separate with commas; default: every source
+        /// with a simulator shape).
+        #[arg(long = "source", value_name = "NAME", value_delimiter = ',')]
+        sources: Vec<String>,
+        /// Write JSON lines instead of producing to Kafka: to FILE with one source, else one file
+        /// per source, <stem>.<source>.<ext> (e.g. gen.card.jsonl).
+        #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Also produce the delayed label feedback (chargebacks, PIX MED and transfer fraud
+        /// claims, days of simulated time after the fraud): to --labels-topic, or with --output to
+        /// <stem>.labels.<ext>.
+        #[arg(long)]
+        labels: bool,
+        /// Topic of the label feedback (implies --labels) [default: payguard.labels].
+        #[arg(long, value_name = "TOPIC")]
+        labels_topic: Option<String>,
+        /// Shortest report delay, simulated days [default: 3].
+        #[arg(long, value_name = "DAYS")]
+        label_delay_min_days: Option<f64>,
+        /// Longest report delay, simulated days [default: 45].
+        #[arg(long, value_name = "DAYS")]
+        label_delay_max_days: Option<f64>,
         /// Do not create missing topics.
         #[arg(long)]
         no_create_topics: bool,
@@ -84,8 +117,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rskafka=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,rskafka=warn,sqlx::postgres::notice=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -174,10 +208,18 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Generate {
             config,
             count,
+            duration,
             rate,
             seed,
+            start_time,
             simulated_tps,
+            speedup,
+            sources,
             output,
+            labels,
+            labels_topic,
+            label_delay_min_days,
+            label_delay_max_days,
             no_create_topics,
             quiet,
         } => {
@@ -185,11 +227,34 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail_config(e),
             };
+            let mut params = SimulatorParams {
+                label_feedback: labels || labels_topic.is_some(),
+                ..Default::default()
+            };
+            if let Some(d) = label_delay_min_days {
+                params.label_delay_min_days = d;
+            }
+            if let Some(d) = label_delay_max_days {
+                params.label_delay_max_days = d;
+            }
+            if !(0.0..=params.label_delay_max_days).contains(&params.label_delay_min_days) {
+                eprintln!("error: label delays must satisfy 0 <= min <= max (days)");
+                return ExitCode::from(2);
+            }
+            let duration = match duration {
+                Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
+                Some(_) => {
+                    eprintln!("error: --duration must be a positive number of seconds");
+                    return ExitCode::from(2);
+                }
+                None => None,
+            };
+            let count = count.unwrap_or(if duration.is_some() { u64::MAX } else { 10_000 });
             let opts = GenerateOptions {
                 count,
                 rate,
                 seed,
-                simulated_tps,
+                simulated_tps: simulated_tps.unwrap_or(0.0),
                 output: match output {
                     Some(p) => GenerateOutput::File(p),
                     None => GenerateOutput::Kafka {
@@ -197,6 +262,12 @@ async fn dispatch(command: Command) -> ExitCode {
                     },
                 },
                 progress: !quiet,
+                duration,
+                start_time,
+                speedup,
+                sources,
+                labels_topic: labels_topic.unwrap_or_else(|| "payguard.labels".into()),
+                params,
             };
             finish(app::generate(&config, &opts).await.map(|_| ()))
         }

@@ -130,6 +130,25 @@ pub struct Metrics {
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     /// 1 once the sink is connected and migrated.
     pub sink_ready: Gauge,
+    /// Events older than the watermark when they arrived (scored all the same).
+    pub late_events: Counter,
+    /// Entities with window state.
+    pub tracked_entities: Gauge,
+    /// Rows kept in window state.
+    pub tracked_rows: Gauge,
+    /// Entities evicted from window state (idle or over budget).
+    pub entities_evicted: Gauge,
+    /// Event-time watermark, epoch milliseconds.
+    pub watermark_ms: Gauge,
+    /// SQL reloads that succeeded.
+    pub reloads_ok: Counter,
+    /// SQL reloads that failed (the running version stayed).
+    pub reloads_failed: Counter,
+    /// Decisions by kind: approve, review, decline.
+    pub decisions: [Counter; 3],
+    /// Outcome of the last SQL reload: `None` while it is fine, else the error kept the running
+    /// version in place.
+    pub reload_error: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -147,7 +166,22 @@ impl Metrics {
     /// Render in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &Counter); 8] = [
+        let counters: [(&str, &str, &Counter); 11] = [
+            (
+                "payguard_late_events_total",
+                "Events older than the watermark on arrival (still scored).",
+                &self.late_events,
+            ),
+            (
+                "payguard_sql_reloads_total",
+                "SQL reloads that succeeded.",
+                &self.reloads_ok,
+            ),
+            (
+                "payguard_sql_reload_failures_total",
+                "SQL reloads refused (the running version stayed).",
+                &self.reloads_failed,
+            ),
             (
                 "payguard_messages_in_total",
                 "Messages received from the inputs.",
@@ -204,6 +238,46 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "payguard_consumer_lag{{topic=\"{topic}\",partition=\"{p}\"}} {lag}"
+            );
+        }
+        for (name, help, g) in [
+            (
+                "payguard_tracked_entities",
+                "Entities with window state.",
+                &self.tracked_entities,
+            ),
+            (
+                "payguard_tracked_rows",
+                "Rows kept in window state.",
+                &self.tracked_rows,
+            ),
+            (
+                "payguard_entities_evicted",
+                "Entities evicted from window state so far.",
+                &self.entities_evicted,
+            ),
+            (
+                "payguard_watermark_seconds",
+                "Event-time watermark (Unix seconds).",
+                &self.watermark_ms,
+            ),
+        ] {
+            let v = if name == "payguard_watermark_seconds" {
+                g.get() / 1000.0
+            } else {
+                g.get()
+            };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP payguard_decisions_total Transactions decided, by decision.\n# TYPE payguard_decisions_total counter"
+        );
+        for (d, c) in ["approve", "review", "decline"].iter().zip(&self.decisions) {
+            let _ = writeln!(
+                out,
+                "payguard_decisions_total{{decision=\"{d}\"}} {}",
+                c.get()
             );
         }
         let _ = writeln!(

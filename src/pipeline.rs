@@ -77,12 +77,24 @@ pub struct RunSummary {
 /// Run the pipeline until the inputs end or `cancel` fires.
 pub async fn run(
     config: Arc<Config>,
+    mut engine: Engine,
     sink: Sink,
     opts: RunOptions,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<RunSummary, PipelineError> {
-    let engine = Engine::new(&config).await?;
+    if let Sink::Postgres(pg) = &sink {
+        pg.prepare_aggregates(&engine.aggregates()).await?;
+    }
+    let reload = Arc::new(tokio::sync::Notify::new());
+    if config.engine.hot_reload {
+        tokio::spawn(watch_sql_files(
+            config.clone(),
+            reload.clone(),
+            cancel.clone(),
+        ));
+    }
+    tokio::spawn(reload_on_sighup(reload.clone(), cancel.clone()));
     let stored = load_offsets_retrying(&sink, &config, &cancel).await?;
     let topics: Vec<String> = config.sources.iter().map(|s| s.topic.clone()).collect();
     let by_source: HashMap<(usize, i32), i64> = stored
@@ -158,15 +170,26 @@ pub async fn run(
         Duration::from_millis(config.pipeline.batch_max_wait_ms),
         by_source,
     );
-    tasks.spawn(batcher.run(chunk_rx, batch_tx));
+    tasks.spawn(batcher.run(chunk_rx, batch_tx, input_cancel.clone()));
 
-    // Engine stage.
+    // Engine stage; SQL reloads happen here, between two batches.
     let engine_metrics = metrics.clone();
     let engine_cancel = input_cancel.clone();
+    let engine_config = config.clone();
     let engine_task = tokio::spawn(async move {
-        while let Some(batch) = batch_rx.recv().await {
+        loop {
+            let batch = tokio::select! {
+                b = batch_rx.recv() => match b {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = reload.notified() => {
+                    reload_engine(&mut engine, &engine_config, &engine_metrics).await;
+                    continue;
+                }
+            };
             let t = Instant::now();
-            match engine.process(batch).await {
+            match engine.process(batch, &engine_metrics).await {
                 Ok(out) => {
                     engine_metrics
                         .engine_time
@@ -193,10 +216,10 @@ pub async fn run(
     let shutdown_timeout = Duration::from_millis(config.pipeline.shutdown_timeout_ms);
     let mut cancelled_at: Option<Instant> = None;
     let mut result = Ok(());
-    'batches: while let Some(batch) = done_rx.recv().await {
+    'batches: while let Some(mut batch) = done_rx.recv().await {
         loop {
             let t = Instant::now();
-            match sink.commit(&batch).await {
+            match sink.commit_dedup(&mut batch).await {
                 Ok(stats) => {
                     backoff.reset();
                     metrics.sink_time.observe(t.elapsed().as_secs_f64());
@@ -209,6 +232,7 @@ pub async fn run(
                     metrics.transactions_out.add(stats.inserted);
                     metrics.duplicates.add(stats.duplicates);
                     metrics.dead_letters.add(batch.dead_letters.len() as u64);
+                    count_decisions(&batch, &metrics);
                     for d in &batch.dead_letters {
                         tracing::warn!(source = %d.source, topic = %d.topic, partition = d.partition,
                             offset = d.offset, reason = %d.reason, "dead letter");
@@ -278,6 +302,102 @@ async fn wait_for_topics(
                     _ = cancel.cancelled() => return Err(KafkaError::Cancelled.into()),
                 }
             }
+        }
+    }
+}
+
+fn count_decisions(batch: &SinkBatch, metrics: &Metrics) {
+    use datafusion::arrow::array::{Array, StringArray};
+    for b in &batch.transactions {
+        let Some(d) = b
+            .column_by_name(crate::engine::DECISION)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        else {
+            continue;
+        };
+        for i in 0..d.len() {
+            let k = match d.value(i) {
+                "approve" => 0,
+                "review" => 1,
+                _ => 2,
+            };
+            metrics.decisions[k].inc();
+        }
+    }
+}
+
+async fn reload_engine(engine: &mut Engine, config: &Config, metrics: &Metrics) {
+    match engine.reload(config).await {
+        Ok(kept) => {
+            metrics.reloads_ok.inc();
+            *metrics.reload_error.lock().expect("reload lock") = None;
+            tracing::info!(window_state_kept = kept, "SQL files reloaded");
+        }
+        Err(e) => {
+            metrics.reloads_failed.inc();
+            let text = e.problems().join("; ");
+            tracing::error!(error = %text, "SQL reload refused; the running version stays");
+            *metrics.reload_error.lock().expect("reload lock") = Some(text);
+        }
+    }
+}
+
+/// Every SQL file the engine reads, with its modification time.
+fn sql_files(config: &Config) -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
+    let mut files: Vec<std::path::PathBuf> = config
+        .sources
+        .iter()
+        .map(|s| config.resolve(&s.mapping))
+        .collect();
+    files.push(config.resolve(&config.engine.features));
+    files.push(config.resolve(&config.engine.rules));
+    if let Ok(rd) = std::fs::read_dir(config.resolve(&config.engine.aggregates)) {
+        let mut aggs: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        aggs.sort();
+        files.extend(aggs);
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
+            (f, m)
+        })
+        .collect()
+}
+
+/// Poll the SQL files twice a second and ask for a reload when one changes.
+async fn watch_sql_files(
+    config: Arc<Config>,
+    reload: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    let mut last = sql_files(&config);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = cancel.cancelled() => return,
+        }
+        let now = sql_files(&config);
+        if now != last {
+            tracing::info!("SQL files changed; reloading");
+            last = now;
+            reload.notify_one();
+        }
+    }
+}
+
+/// SIGHUP asks for a reload.
+async fn reload_on_sighup(reload: Arc<tokio::sync::Notify>, cancel: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading SQL files");
+                reload.notify_one();
+            }
+            _ = cancel.cancelled() => return,
         }
     }
 }

@@ -94,8 +94,13 @@ fn check_reports_all_three_mistakes_with_their_lines() {
 #[test]
 fn check_reports_sql_problems_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("sql/sources")).unwrap();
-    std::fs::create_dir_all(dir.path().join("sql/migrations")).unwrap();
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(common::repo().join("sql"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
     let sql = std::fs::read_to_string(common::repo().join("sql/sources/card.sql")).unwrap();
     let broken = sql.replacen(
         "pan_token                       AS card_id",

@@ -33,6 +33,9 @@ pub struct Config {
     /// PostgreSQL / TimescaleDB connection and write settings (used when `pipeline.sink = "postgres"`).
     #[serde(default)]
     pub postgres: PostgresConfig,
+    /// The SQL engine: features, rules, aggregates, event time, decisions.
+    #[serde(default)]
+    pub engine: EngineConfig,
     /// HTTP API settings.
     #[serde(default)]
     pub api: ApiConfig,
@@ -199,6 +202,87 @@ impl Default for PostgresConfig {
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
         }
+    }
+}
+
+/// `[engine]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Feature SQL: one SELECT over `transactions` yielding `transaction_id` and feature columns,
+    /// one row per transaction, with window functions over event-time RANGE frames.
+    #[serde(default = "default_features")]
+    pub features: PathBuf,
+    /// Rule SQL over `scored` yielding `transaction_id, rule, severity, reason` per rule hit.
+    #[serde(default = "default_rules")]
+    pub rules: PathBuf,
+    /// Directory of windowed aggregate SQL files (`*.sql`), each merged into table `agg_<name>`.
+    #[serde(default = "default_aggregates")]
+    pub aggregates: PathBuf,
+    /// History kept per entity, e.g. `"7 days"`: the longest window frame allowed, and how far
+    /// back `lag()` looks.
+    #[serde(default = "default_history")]
+    pub history: String,
+    /// How far behind the watermark an event may arrive and still see its full window, e.g.
+    /// `"5 minutes"`. Later events are still scored (against the history that is left) and counted
+    /// in `payguard_late_events_total`.
+    #[serde(default = "default_lateness")]
+    pub allowed_lateness: String,
+    /// A partition with no message for this long stops holding the watermark back.
+    #[serde(default = "default_idle_partition")]
+    pub idle_partition_timeout: String,
+    /// Entities kept per partition key (card, customer, merchant…); beyond it the least recently
+    /// seen are evicted (counted in `payguard_entities_evicted_total`).
+    #[serde(default = "default_max_entities")]
+    pub max_entities: usize,
+    /// Events whose time is more than this ahead of the wall clock are dead-lettered.
+    #[serde(default = "default_max_future")]
+    pub max_future: String,
+    /// Model score at or above which a transaction is sent to review (0 ..= 1).
+    #[serde(default = "default_review_threshold")]
+    pub review_threshold: f64,
+    /// Model score at or above which a transaction is declined (review_threshold ..= 1).
+    #[serde(default = "default_decline_threshold")]
+    pub decline_threshold: f64,
+    /// Watch the SQL files and reload them on change (SIGHUP reloads too).
+    #[serde(default = "default_true")]
+    pub hot_reload: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            features: default_features(),
+            rules: default_rules(),
+            aggregates: default_aggregates(),
+            history: default_history(),
+            allowed_lateness: default_lateness(),
+            idle_partition_timeout: default_idle_partition(),
+            max_entities: default_max_entities(),
+            max_future: default_max_future(),
+            review_threshold: default_review_threshold(),
+            decline_threshold: default_decline_threshold(),
+            hot_reload: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// `history` in milliseconds (validated at load).
+    pub fn history_ms(&self) -> i64 {
+        crate::engine::windows::parse_duration_ms(&self.history).unwrap_or(7 * 86_400_000)
+    }
+    /// `allowed_lateness` in milliseconds.
+    pub fn lateness_ms(&self) -> i64 {
+        crate::engine::windows::parse_duration_ms(&self.allowed_lateness).unwrap_or(300_000)
+    }
+    /// `idle_partition_timeout` in milliseconds.
+    pub fn idle_partition_ms(&self) -> i64 {
+        crate::engine::windows::parse_duration_ms(&self.idle_partition_timeout).unwrap_or(30_000)
+    }
+    /// `max_future` in milliseconds.
+    pub fn max_future_ms(&self) -> i64 {
+        crate::engine::windows::parse_duration_ms(&self.max_future).unwrap_or(3_600_000)
     }
 }
 
@@ -408,6 +492,36 @@ pub fn demo_default(base_dir: &Path) -> Result<Config, ConfigErrors> {
     Ok(config)
 }
 
+fn default_features() -> PathBuf {
+    PathBuf::from("sql/features.sql")
+}
+fn default_rules() -> PathBuf {
+    PathBuf::from("sql/rules.sql")
+}
+fn default_aggregates() -> PathBuf {
+    PathBuf::from("sql/aggregates")
+}
+fn default_history() -> String {
+    "7 days".into()
+}
+fn default_lateness() -> String {
+    "5 minutes".into()
+}
+fn default_idle_partition() -> String {
+    "30 seconds".into()
+}
+fn default_max_entities() -> usize {
+    2_000_000
+}
+fn default_max_future() -> String {
+    "1 hour".into()
+}
+fn default_review_threshold() -> f64 {
+    0.5
+}
+fn default_decline_threshold() -> f64 {
+    0.9
+}
 fn default_pipeline_name() -> String {
     "payguard".into()
 }

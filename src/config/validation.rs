@@ -262,6 +262,54 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         );
     }
 
+    let e = &config.engine;
+    for (key, value) in [
+        ("engine.history", &e.history),
+        ("engine.allowed_lateness", &e.allowed_lateness),
+        ("engine.idle_partition_timeout", &e.idle_partition_timeout),
+        ("engine.max_future", &e.max_future),
+    ] {
+        if crate::engine::windows::parse_duration_ms(value).is_none_or(|ms| ms <= 0) {
+            err(
+                key.into(),
+                format!(
+                    "\"{value}\" is not a duration like \"10 minutes\", \"7 days\", \"30 seconds\""
+                ),
+            );
+        }
+    }
+    for (key, path) in [("engine.features", &e.features), ("engine.rules", &e.rules)] {
+        let f = config.resolve(path);
+        if !f.is_file() {
+            err(
+                key.into(),
+                format!("SQL file {} does not exist", f.display()),
+            );
+        }
+    }
+    let agg = config.resolve(&e.aggregates);
+    if !agg.is_dir() {
+        err(
+            "engine.aggregates".into(),
+            format!("directory {} does not exist", agg.display()),
+        );
+    }
+    if e.max_entities == 0 {
+        err("engine.max_entities".into(), "must be at least 1".into());
+    }
+    if !(0.0..=1.0).contains(&e.review_threshold)
+        || !(0.0..=1.0).contains(&e.decline_threshold)
+        || e.review_threshold > e.decline_threshold
+    {
+        err(
+            "engine.review_threshold".into(),
+            format!(
+                "thresholds must satisfy 0 <= review_threshold ({}) <= decline_threshold ({}) <= 1",
+                e.review_threshold, e.decline_threshold
+            ),
+        );
+    }
+
     if config.api.listen.parse::<std::net::SocketAddr>().is_err() {
         err(
             "api.listen".into(),

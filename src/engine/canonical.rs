@@ -258,10 +258,7 @@ impl Conformer {
 
     /// Convert one batch. Rows with a null in a required column (the mapping computed nothing for
     /// it) are not returned as rows but as [`RejectedRow`]s, to be dead-lettered.
-    pub fn conform(
-        &self,
-        batch: &RecordBatch,
-    ) -> Result<(RecordBatch, Vec<RejectedRow>), ArrowError> {
+    pub fn conform(&self, batch: &RecordBatch) -> Result<Conformed, ArrowError> {
         let schema = schema();
         let columns = self
             .plans
@@ -280,7 +277,11 @@ impl Conformer {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if self.required.iter().all(|c| columns[*c].null_count() == 0) {
-            return Ok((RecordBatch::try_new(schema, columns)?, Vec::new()));
+            return Ok(Conformed {
+                rows: RecordBatch::try_new(schema, columns)?,
+                rejected: Vec::new(),
+                partitions: self.partition_col.map(|c| batch.column(c).clone()),
+            });
         }
         let mut keep = vec![true; batch.num_rows()];
         let mut rejected = Vec::new();
@@ -321,8 +322,27 @@ impl Conformer {
             .iter()
             .map(|c| datafusion::arrow::compute::filter(c, &mask))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((RecordBatch::try_new(schema, filtered)?, rejected))
+        let partitions = self
+            .partition_col
+            .map(|c| datafusion::arrow::compute::filter(batch.column(c), &mask))
+            .transpose()?;
+        Ok(Conformed {
+            rows: RecordBatch::try_new(schema, filtered)?,
+            rejected,
+            partitions,
+        })
     }
+}
+
+/// The result of [`Conformer::conform`].
+#[derive(Debug, Clone)]
+pub struct Conformed {
+    /// Canonical rows.
+    pub rows: RecordBatch,
+    /// Rows that could not be canonical.
+    pub rejected: Vec<RejectedRow>,
+    /// `_partition` of each canonical row, when the mapping passed it through.
+    pub partitions: Option<ArrayRef>,
 }
 
 /// A mapped row that could not become a canonical transaction.

@@ -1,22 +1,43 @@
-//! The engine: per micro-batch, decode each source's messages, run its mapping SQL, conform the
-//! result to the canonical transaction, and hand the sink one [`SinkBatch`].
+//! The engine: per micro-batch, decode each source's messages, map them to canonical transactions
+//! (`sql/sources/*.sql`), compute behaviour features (`features.sql`, windows kept incrementally),
+//! score, apply the rules (`rules.sql`) and decide, and compute the partial windowed aggregates
+//! (`sql/aggregates/*.sql`); hand the sink one [`SinkBatch`].
 //!
-//! Everything is compiled once in [`Engine::new`]; [`Engine::process`] only executes.
+//! Everything is compiled once ([`Engine::new`]); [`Engine::process`] only executes. A reload
+//! ([`Engine::reload`]) compiles the files again and swaps them in between two batches, keeping the
+//! window state when the windows did not change; an invalid edit keeps the running version.
 
+pub mod aggregates;
 pub mod canonical;
+pub mod features;
+pub mod rules;
 pub mod sql;
+pub mod state;
+pub mod watermark;
+pub mod windows;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{
+    Array, ArrayRef, Float64Array, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    new_null_array,
+};
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::config::Config;
 use crate::decode::{DeadLetter, DecodeError, JsonDecoder};
+use crate::metrics::Metrics;
 use crate::sink::SinkBatch;
 use crate::source::Batch;
+use aggregates::AggregateStage;
 use canonical::Conformer;
+use features::FeatureStage;
+use rules::RuleStage;
 use sql::{CompiledQuery, SqlError};
+use watermark::Watermark;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +48,13 @@ pub enum EngineError {
     /// A SQL file failed to compile or run.
     #[error(transparent)]
     Sql(#[from] SqlError),
-    /// A mapping's result breaks the canonical contract.
-    #[error("{file}: result does not match the canonical transaction: {message}")]
+    /// `features.sql` uses a window the engine cannot evaluate.
+    #[error(transparent)]
+    Window(#[from] windows::WindowPlanError),
+    /// A SQL file's result breaks its contract.
+    #[error("{file}: {message}")]
     Contract {
-        /// The mapping SQL file.
+        /// The SQL file.
         file: PathBuf,
         /// Every problem found.
         message: String,
@@ -38,15 +62,34 @@ pub enum EngineError {
     /// Arrow failed converting a result (internal error).
     #[error("{file}: converting the result failed: {source}")]
     Arrow {
-        /// The mapping SQL file.
+        /// The SQL file.
         file: PathBuf,
         /// Underlying error.
         #[source]
         source: datafusion::arrow::error::ArrowError,
     },
+    /// The aggregates directory could not be read.
+    #[error("{dir}: {source}")]
+    Io {
+        /// Directory.
+        dir: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Several problems found while compiling (all reported at once).
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     Many(Vec<EngineError>),
+}
+
+impl EngineError {
+    /// Each problem on its own (a `Many` flattened).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            Self::Many(all) => all.iter().flat_map(|e| e.problems()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -58,64 +101,156 @@ struct SourceStage {
     conformer: Conformer,
 }
 
-/// The compiled per-source stages.
-#[derive(Debug, Clone)]
+/// The compiled stages and the window state.
+#[derive(Debug)]
 pub struct Engine {
-    sources: Arc<Vec<SourceStage>>,
+    sources: Vec<SourceStage>,
+    features: FeatureStage,
+    rules: RuleStage,
+    aggregates: Arc<Vec<AggregateStage>>,
+    decided_schema: SchemaRef,
+    watermark: Watermark,
+    max_future_ms: i64,
 }
 
+/// Column names the engine adds after the features.
+pub const SCORE: &str = "score";
+/// Model version column.
+pub const MODEL_VERSION: &str = "model_version";
+/// Decision column.
+pub const DECISION: &str = "decision";
+/// Rule hits column (JSON array).
+pub const RULE_HITS: &str = "rule_hits";
+
 impl Engine {
-    /// Compile every source's decoder and mapping; all problems are reported together.
+    /// Compile every stage of `config`; all problems are reported together.
     pub async fn new(config: &Config) -> Result<Self, EngineError> {
         let mut stages = Vec::new();
         let mut errors = Vec::new();
         for src in &config.sources {
-            let decoder = match JsonDecoder::new(src, config.kafka.max_message_bytes) {
-                Ok(d) => d,
-                Err(e) => {
-                    errors.push(e.into());
-                    continue;
-                }
-            };
-            let file = config.resolve(&src.mapping);
-            let mapping =
-                match CompiledQuery::compile_file(&file, "input", decoder.output_schema()).await {
-                    Ok(q) => q,
-                    Err(e) => {
-                        errors.push(e.into());
-                        continue;
+            match compile_source(config, src).await {
+                Ok(s) => stages.push(s),
+                Err(e) => errors.push(e),
+            }
+        }
+        let e = &config.engine;
+        let features = FeatureStage::compile(
+            &config.resolve(&e.features),
+            e.history_ms(),
+            e.lateness_ms(),
+            e.max_entities,
+        )
+        .await;
+        let (features, rules, aggregates, decided_schema) = match features {
+            Err(err) => {
+                errors.push(err);
+                (None, None, Vec::new(), None)
+            }
+            Ok(f) => {
+                let scored = RuleStage::scored_schema(&canonical::schema(), &f.feature_schema());
+                let rules = RuleStage::compile(
+                    &config.resolve(&e.rules),
+                    scored.clone(),
+                    e.review_threshold,
+                    e.decline_threshold,
+                )
+                .await;
+                let rules = match rules {
+                    Ok(r) => Some(r),
+                    Err(err) => {
+                        errors.push(err);
+                        None
                     }
                 };
-            let conformer = match Conformer::new(&mapping.schema()) {
-                Ok(c) => c,
-                Err(message) => {
-                    errors.push(EngineError::Contract { file, message });
-                    continue;
+                let decided = decided_schema(&scored);
+                let mut aggs = Vec::new();
+                match aggregate_files(&config.resolve(&e.aggregates)) {
+                    Ok(files) => {
+                        for file in files {
+                            match AggregateStage::compile(&file, decided.clone()).await {
+                                Ok(a) => aggs.push(a),
+                                Err(err) => errors.push(err),
+                            }
+                        }
+                    }
+                    Err(err) => errors.push(err),
                 }
-            };
-            stages.push(SourceStage {
-                name: src.name.clone(),
-                topic: src.topic.clone(),
-                decoder,
-                mapping,
-                conformer,
+                (Some(f), rules, aggs, Some(decided))
+            }
+        };
+        if !errors.is_empty() {
+            return Err(if errors.len() == 1 {
+                errors.pop().expect("one error")
+            } else {
+                EngineError::Many(errors)
             });
         }
-        match errors.len() {
-            0 => Ok(Self {
-                sources: Arc::new(stages),
-            }),
-            1 => Err(errors.pop().expect("one error")),
-            _ => Err(EngineError::Many(errors)),
-        }
+        Ok(Self {
+            sources: stages,
+            features: features.expect("no errors"),
+            rules: rules.expect("no errors"),
+            aggregates: Arc::new(aggregates),
+            decided_schema: decided_schema.expect("no errors"),
+            watermark: Watermark::new(e.lateness_ms(), e.idle_partition_ms()),
+            max_future_ms: e.max_future_ms(),
+        })
+    }
+
+    /// Compile the SQL files again and, if all compile, swap them in (keeping the window state
+    /// when the windows are unchanged). On error the running version stays and the error is
+    /// returned.
+    pub async fn reload(&mut self, config: &Config) -> Result<bool, EngineError> {
+        let mut fresh = Engine::new(config).await?;
+        let old_features = std::mem::replace(&mut self.features, fresh.features);
+        let kept = {
+            let f = &mut self.features;
+            f.adopt_state(old_features)
+        };
+        self.sources = std::mem::take(&mut fresh.sources);
+        self.rules = fresh.rules;
+        self.aggregates = fresh.aggregates;
+        self.decided_schema = fresh.decided_schema;
+        Ok(kept)
+    }
+
+    /// The aggregate stages (their tables are created by the sink).
+    pub fn aggregates(&self) -> Arc<Vec<AggregateStage>> {
+        self.aggregates.clone()
+    }
+
+    /// Schema of the decided rows.
+    pub fn decided_schema(&self) -> SchemaRef {
+        self.decided_schema.clone()
+    }
+
+    /// Feature columns.
+    pub fn feature_schema(&self) -> SchemaRef {
+        self.features.feature_schema()
+    }
+
+    /// The current watermark (epoch ms).
+    pub fn watermark(&self) -> i64 {
+        self.watermark.get()
+    }
+
+    /// Window state statistics.
+    pub fn state_stats(&self) -> state::StateStats {
+        self.features.stats()
     }
 
     /// Process one micro-batch.
-    pub async fn process(&self, batch: Batch) -> Result<SinkBatch, EngineError> {
-        let mut transactions: Vec<RecordBatch> = Vec::new();
+    pub async fn process(
+        &mut self,
+        batch: Batch,
+        metrics: &Metrics,
+    ) -> Result<SinkBatch, EngineError> {
+        let now = Instant::now();
+        let wall_ms = chrono::Utc::now().timestamp_millis();
+        let watermark_before = self.watermark.get();
+        let mut canonical: Vec<RecordBatch> = Vec::new();
         let mut dead_letters: Vec<DeadLetter> = Vec::new();
         let mut messages = 0;
-        for (stage, msgs) in self.sources.iter().zip(batch.messages) {
+        for (source_idx, (stage, msgs)) in self.sources.iter().zip(batch.messages).enumerate() {
             if msgs.is_empty() {
                 continue;
             }
@@ -130,7 +265,7 @@ impl Engine {
                 if b.num_rows() == 0 {
                     continue;
                 }
-                let (rows, rejected) =
+                let conformed =
                     stage
                         .conformer
                         .conform(&b)
@@ -138,40 +273,271 @@ impl Engine {
                             file: stage.mapping.file().to_path_buf(),
                             source,
                         })?;
-                for r in rejected {
-                    // Keep the original bytes when the mapping passed the position through.
-                    let raw = r
-                        .partition
-                        .zip(r.offset)
-                        .and_then(|(p, o)| {
-                            msgs.iter()
-                                .find(|m| m.partition == p && m.offset == o)
-                                .and_then(|m| m.value.clone())
-                        })
-                        .unwrap_or(r.row);
-                    dead_letters.push(DeadLetter {
-                        source: stage.name.clone(),
-                        topic: stage.topic.clone(),
-                        partition: r.partition.unwrap_or(-1),
-                        offset: r.offset.unwrap_or(-1),
-                        raw,
-                        reason: r.reason,
-                    });
+                for r in conformed.rejected {
+                    dead_letters.push(dead_letter_of(
+                        stage,
+                        &msgs,
+                        r.partition,
+                        r.offset,
+                        r.row,
+                        r.reason,
+                    ));
                 }
-                if rows.num_rows() > 0 {
-                    transactions.push(rows);
+                let rows = conformed.rows;
+                if rows.num_rows() == 0 {
+                    continue;
+                }
+                let (rows, future) = split_future(
+                    &rows,
+                    wall_ms + self.max_future_ms,
+                    conformed.partitions.as_ref(),
+                )
+                .map_err(|source| EngineError::Arrow {
+                    file: stage.mapping.file().to_path_buf(),
+                    source,
+                })?;
+                for (partition, offset, row, reason) in future {
+                    dead_letters.push(dead_letter_of(stage, &msgs, partition, offset, row, reason));
+                }
+                observe_watermark(
+                    &mut self.watermark,
+                    source_idx,
+                    &rows.0,
+                    rows.1.as_ref(),
+                    now,
+                );
+                if rows.0.num_rows() > 0 {
+                    canonical.push(rows.0);
                 }
             }
         }
+        let watermark = self.watermark.advance(now);
+        let schema = canonical::schema();
+        let canonical =
+            concat_batches(&schema, &canonical).map_err(|source| EngineError::Arrow {
+                file: PathBuf::from("<canonical>"),
+                source,
+            })?;
+        let mut transactions = Vec::new();
+        let mut partials = Vec::new();
+        if canonical.num_rows() > 0 {
+            let late = count_before(&canonical, watermark_before);
+            metrics.late_events.add(late as u64);
+            let decided = self.decide(&canonical).await?;
+            for agg in self.aggregates.iter() {
+                partials.push((
+                    agg.name.clone(),
+                    agg.partial(std::slice::from_ref(&decided)).await?,
+                ));
+            }
+            transactions.push(decided);
+        }
+        self.features.evict(watermark);
+        let st = self.features.stats();
+        metrics.tracked_entities.set(st.entities as f64);
+        metrics.tracked_rows.set(st.rows as f64);
+        metrics
+            .entities_evicted
+            .set((st.evicted_idle + st.evicted_budget) as f64);
+        metrics.watermark_ms.set(watermark as f64);
         Ok(SinkBatch {
             seq: batch.seq,
             messages,
             transactions,
+            aggregates: partials,
+            aggregate_stages: self.aggregates.clone(),
             dead_letters,
             offsets: batch.offsets,
             opened_at: batch.opened_at,
         })
     }
+
+    /// Features, score, rules and decision for canonical rows: the decided batch.
+    pub async fn decide(&mut self, canonical: &RecordBatch) -> Result<RecordBatch, EngineError> {
+        let features = self.features.process(canonical).await?;
+        let n = canonical.num_rows();
+        let mut columns: Vec<ArrayRef> = canonical.columns().to_vec();
+        columns.extend(features.columns().iter().cloned());
+        // The model stage fills these; without a model the score is NULL.
+        columns.push(Arc::new(Float64Array::new_null(n)));
+        columns.push(new_null_array(&DataType::Utf8, n));
+        let scored_schema = RuleStage::scored_schema(&canonical::schema(), &features.schema());
+        let scored = RecordBatch::try_new(scored_schema, columns.clone()).map_err(|source| {
+            EngineError::Arrow {
+                file: self.features.file().clone(),
+                source,
+            }
+        })?;
+        let decided = self.rules.decide(&scored).await?;
+        columns.push(decided.decision);
+        columns.push(decided.rule_hits);
+        RecordBatch::try_new(self.decided_schema.clone(), columns).map_err(|source| {
+            EngineError::Arrow {
+                file: self.features.file().clone(),
+                source,
+            }
+        })
+    }
+}
+
+fn decided_schema(scored: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Field> = scored.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(DECISION, DataType::Utf8, false));
+    fields.push(Field::new(RULE_HITS, DataType::Utf8, false));
+    Arc::new(Schema::new(fields))
+}
+
+async fn compile_source(
+    config: &Config,
+    src: &crate::config::SourceConfig,
+) -> Result<SourceStage, EngineError> {
+    let decoder = JsonDecoder::new(src, config.kafka.max_message_bytes)?;
+    let file = config.resolve(&src.mapping);
+    let mapping = CompiledQuery::compile_file(&file, "input", decoder.output_schema()).await?;
+    let conformer = Conformer::new(&mapping.schema()).map_err(|message| EngineError::Contract {
+        file: file.clone(),
+        message: format!("result does not match the canonical transaction: {message}"),
+    })?;
+    Ok(SourceStage {
+        name: src.name.clone(),
+        topic: src.topic.clone(),
+        decoder,
+        mapping,
+        conformer,
+    })
+}
+
+/// The `*.sql` files of the aggregates directory, sorted.
+fn aggregate_files(dir: &std::path::Path) -> Result<Vec<PathBuf>, EngineError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| EngineError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn dead_letter_of(
+    stage: &SourceStage,
+    msgs: &[crate::decode::RawMessage],
+    partition: Option<i32>,
+    offset: Option<i64>,
+    row: Vec<u8>,
+    reason: String,
+) -> DeadLetter {
+    // Keep the original bytes when the mapping passed the position through.
+    let raw = partition
+        .zip(offset)
+        .and_then(|(p, o)| {
+            msgs.iter()
+                .find(|m| m.partition == p && m.offset == o)
+                .and_then(|m| m.value.clone())
+        })
+        .unwrap_or(row);
+    DeadLetter {
+        source: stage.name.clone(),
+        topic: stage.topic.clone(),
+        partition: partition.unwrap_or(-1),
+        offset: offset.unwrap_or(-1),
+        raw,
+        reason,
+    }
+}
+
+type Future = (Option<i32>, Option<i64>, Vec<u8>, String);
+
+/// Take out rows stamped after `limit_ms` (clock skew or a broken producer).
+#[allow(clippy::type_complexity)]
+fn split_future(
+    rows: &RecordBatch,
+    limit_ms: i64,
+    partitions: Option<&ArrayRef>,
+) -> Result<((RecordBatch, Option<ArrayRef>), Vec<Future>), datafusion::arrow::error::ArrowError> {
+    let times = rows
+        .column(1)
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .expect("canonical event_time");
+    let future: Vec<usize> = (0..rows.num_rows())
+        .filter(|&i| !times.is_null(i) && times.value(i) > limit_ms)
+        .collect();
+    if future.is_empty() {
+        return Ok(((rows.clone(), partitions.cloned()), Vec::new()));
+    }
+    let ids = rows
+        .column(0)
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("canonical id");
+    let parts = partitions.and_then(|p| p.as_any().downcast_ref::<Int32Array>());
+    let out = future
+        .iter()
+        .map(|&i| {
+            let when = chrono::DateTime::from_timestamp_millis(times.value(i))
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default();
+            (
+                parts.map(|p| p.value(i)),
+                None,
+                format!(
+                    "{{\"transaction_id\":{:?},\"event_time\":{when:?}}}",
+                    ids.value(i)
+                )
+                .into_bytes(),
+                format!("event_time {when} is further in the future than engine.max_future allows"),
+            )
+        })
+        .collect();
+    let keep: datafusion::arrow::array::BooleanArray = (0..rows.num_rows())
+        .map(|i| Some(!future.contains(&i)))
+        .collect();
+    let kept = datafusion::arrow::compute::filter_record_batch(rows, &keep)?;
+    let kept_parts = partitions
+        .map(|p| datafusion::arrow::compute::filter(p, &keep))
+        .transpose()?;
+    Ok(((kept, kept_parts), out))
+}
+
+fn observe_watermark(
+    w: &mut Watermark,
+    source: usize,
+    rows: &RecordBatch,
+    partitions: Option<&ArrayRef>,
+    now: Instant,
+) {
+    let times = rows
+        .column(1)
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .expect("canonical event_time");
+    let parts = partitions.and_then(|p| p.as_any().downcast_ref::<Int32Array>());
+    let mut newest: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
+    for i in 0..rows.num_rows() {
+        if times.is_null(i) {
+            continue;
+        }
+        let p = parts.map_or(-1, |p| p.value(i));
+        let e = newest.entry(p).or_insert(i64::MIN);
+        *e = (*e).max(times.value(i));
+    }
+    for (p, t) in newest {
+        w.observe(source, p, t, now);
+    }
+}
+
+fn count_before(canonical: &RecordBatch, watermark: i64) -> usize {
+    let times = canonical
+        .column(1)
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .expect("canonical event_time");
+    (0..times.len())
+        .filter(|&i| !times.is_null(i) && times.value(i) < watermark)
+        .count()
 }
 
 #[cfg(test)]
@@ -184,7 +550,8 @@ mod tests {
     async fn shipped_card_mapping_yields_canonical_rows() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
         let config = crate::config::load(&dir.join("config.toml")).unwrap();
-        let engine = Engine::new(&config).await.unwrap();
+        let mut engine = Engine::new(&config).await.unwrap();
+        let metrics = Metrics::default();
         let msg = |offset: i64, v: &str| RawMessage {
             partition: 1,
             offset,
@@ -208,8 +575,14 @@ mod tests {
             offsets: vec![],
             opened_at: None,
         };
-        let out = engine.process(batch).await.unwrap();
+        let out = engine.process(batch, &metrics).await.unwrap();
         assert_eq!(out.messages, 3);
+        let canonical_part: Vec<usize> = (0..canonical::COLUMNS.len()).collect();
+        let canon: Vec<RecordBatch> = out
+            .transactions
+            .iter()
+            .map(|b| b.project(&canonical_part).unwrap())
+            .collect();
         datafusion::assert_batches_eq!(
             [
                 "+----------------+--------------------------+--------+--------+----------+-------------+------------+---------+-------------+-------------+------+---------+-----------+-----------+------------+----------+-----------+",
@@ -219,10 +592,80 @@ mod tests {
                 "| a2             | 2026-11-01T10:00:01Z     | card   | 7.00   | USD      |             |            | tok_2   | mer_2       |             |      |         | ecommerce |           |            |          |           |",
                 "+----------------+--------------------------+--------+--------+----------+-------------+------------+---------+-------------+-------------+------+---------+-----------+-----------+------------+----------+-----------+",
             ],
-            &out.transactions
+            &canon
         );
         assert_eq!(out.dead_letters.len(), 1);
         assert_eq!(out.dead_letters[0].offset, 2);
         assert_eq!(out.dead_letters[0].partition, 1);
+    }
+
+    #[tokio::test]
+    async fn card_testing_burst_is_featured_ruled_and_aggregated() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = crate::config::load(&dir.join("config.toml")).unwrap();
+        let mut engine = Engine::new(&config).await.unwrap();
+        let metrics = Metrics::default();
+        let msgs: Vec<RawMessage> = (0..5)
+            .map(|i| RawMessage {
+                partition: 0,
+                offset: i,
+                key: None,
+                value: Some(
+                    format!(
+                        r#"{{"auth_id":"t{i}","ts":"2026-11-01T10:0{i}:00Z","pan_token":"tok_9","customer_ref":"cus_9","merchant_id":"mer_{i}","amount":"1.{i}0","currency":"BRL","entry_mode":"ecommerce"}}"#
+                    )
+                    .into_bytes(),
+                ),
+                timestamp_ms: 0,
+            })
+            .collect();
+        let batch = Batch {
+            seq: 1,
+            messages: vec![msgs],
+            offsets: vec![],
+            opened_at: None,
+        };
+        let out = engine.process(batch, &metrics).await.unwrap();
+        let b = &out.transactions[0];
+        let cols: Vec<usize> = [
+            "transaction_id",
+            "card_tx_10m",
+            "card_merchants_1h",
+            "card_secs_since_prev",
+            "decision",
+        ]
+        .iter()
+        .map(|c| b.schema().index_of(c).unwrap())
+        .collect();
+        datafusion::assert_batches_eq!(
+            [
+                "+----------------+-------------+-------------------+----------------------+----------+",
+                "| transaction_id | card_tx_10m | card_merchants_1h | card_secs_since_prev | decision |",
+                "+----------------+-------------+-------------------+----------------------+----------+",
+                "| t0             | 1           | 1                 | -1.0                 | approve  |",
+                "| t1             | 2           | 2                 | 60.0                 | approve  |",
+                "| t2             | 3           | 3                 | 60.0                 | approve  |",
+                "| t3             | 4           | 4                 | 60.0                 | review   |",
+                "| t4             | 5           | 5                 | 60.0                 | review   |",
+                "+----------------+-------------+-------------------+----------------------+----------+",
+            ],
+            &[b.project(&cols).unwrap()]
+        );
+        let hits = b.column_by_name(RULE_HITS).unwrap();
+        let hits = hits.as_any().downcast_ref::<StringArray>().unwrap();
+        assert!(
+            hits.value(4).contains("\"rule\":\"card_testing\""),
+            "{}",
+            hits.value(4)
+        );
+        assert_eq!(hits.value(0), "[]");
+        let (name, partial) = &out
+            .aggregates
+            .iter()
+            .find(|(n, _)| n == "minute_by_source")
+            .unwrap();
+        assert_eq!(name, "minute_by_source");
+        let rows: usize = partial.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 5, "five minutes, one decision each");
     }
 }

@@ -58,11 +58,44 @@ fn typed<'a>(name: &str, a: &'a ArrayRef) -> Result<Col<'a>, CopyError> {
     })
 }
 
+/// Whether a column of this type can be written by [`encode`].
+pub fn supported(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Utf8
+            | DataType::Timestamp(_, _)
+            | DataType::Decimal128(_, _)
+            | DataType::Float64
+            | DataType::Int64
+            | DataType::Int32
+            | DataType::Boolean
+    )
+}
+
 /// Append the rows of `batch` to `out` in COPY text format.
 pub fn encode(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<(), CopyError> {
     let schema = batch.schema();
-    let cols = batch
+    // Timestamps of other units (e.g. nanoseconds from date_bin) are written as microseconds,
+    // PostgreSQL's own resolution.
+    let arrays: Vec<ArrayRef> = batch
         .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(a, f)| match a.data_type() {
+            DataType::Timestamp(TimeUnit::Nanosecond | TimeUnit::Second, tz) => {
+                datafusion::arrow::compute::cast(
+                    a,
+                    &DataType::Timestamp(TimeUnit::Microsecond, tz.clone()),
+                )
+                .map_err(|_| CopyError {
+                    column: f.name().clone(),
+                    data_type: a.data_type().clone(),
+                })
+            }
+            _ => Ok(a.clone()),
+        })
+        .collect::<Result<_, _>>()?;
+    let cols = arrays
         .iter()
         .zip(schema.fields())
         .map(|(a, f)| typed(f.name(), a))

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{Array, RecordBatch, StringArray};
 
-use super::{CommitStats, SinkBatch, SinkError, StoredOffsets};
+use super::{CommitOutcome, CommitStats, SinkBatch, SinkError, StoredOffsets};
 use crate::decode::DeadLetter;
 
 /// Rows kept for display.
@@ -49,7 +49,7 @@ impl MemorySink {
     }
 
     /// Commit a batch (all or nothing).
-    pub fn commit(&self, batch: &SinkBatch) -> Result<CommitStats, SinkError> {
+    pub fn commit(&self, batch: &SinkBatch) -> Result<CommitOutcome, SinkError> {
         let mut s = self.store.lock().expect("store lock");
         for o in &batch.offsets {
             let current = s.offsets.get(&(o.topic.clone(), o.partition)).copied();
@@ -107,7 +107,7 @@ impl MemorySink {
                 s.dead.pop_front();
             }
         }
-        Ok(stats)
+        Ok(CommitOutcome::Committed(stats))
     }
 
     /// Total rows and dead letters stored.

@@ -23,6 +23,9 @@ pub enum SinkError {
     /// The database failed (connection lost, statement failed).
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A batch that can never be written as it is (a bug or a contract the SQL files broke).
+    #[error("sink: {0}")]
+    Internal(String),
     /// Applying the schema migrations failed.
     #[error("database migrations ({dir}): {source}")]
     Migrate {
@@ -51,9 +54,32 @@ pub enum SinkError {
 }
 
 impl SinkError {
-    /// Whether retrying the same batch can succeed (database loss) or not (a logic conflict).
+    /// Whether retrying the same batch can succeed: the database is unreachable, restarting, out
+    /// of resources, or the transaction lost a race (serialization failure, deadlock). A
+    /// statement the database rejects for what it is (a bad type, a constraint) fails the same way
+    /// every time and stops the pipeline instead of looping.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Fenced { .. } | Self::Migrate { .. })
+        match self {
+            Self::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                    let c = c.as_ref();
+                    c.starts_with("08")
+                        || c.starts_with("53")
+                        || c.starts_with("57")
+                        || c == "40001"
+                        || c == "40P01"
+                        || c == "55P03"
+                }),
+                _ => false,
+            },
+            Self::Internal(_) | Self::Fenced { .. } | Self::Migrate { .. } => false,
+        }
     }
 }
 
@@ -64,8 +90,13 @@ pub struct SinkBatch {
     pub seq: u64,
     /// Messages the batch was made of.
     pub messages: usize,
-    /// Canonical transactions.
+    /// Decided transactions: canonical columns, features, score, model_version, decision,
+    /// rule_hits.
     pub transactions: Vec<RecordBatch>,
+    /// Partial aggregates of this batch, per aggregate name.
+    pub aggregates: Vec<(String, Vec<RecordBatch>)>,
+    /// The aggregate stages that computed them (to recompute them without duplicates).
+    pub aggregate_stages: std::sync::Arc<Vec<crate::engine::aggregates::AggregateStage>>,
     /// Messages that could not be processed.
     pub dead_letters: Vec<DeadLetter>,
     /// Offsets to store with the rows.
@@ -90,6 +121,52 @@ pub struct CommitStats {
     pub duplicates: u64,
 }
 
+/// The result of a commit attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Committed.
+    Committed(CommitStats),
+    /// Nothing was committed: these rows (batch index, row index) are stored already or repeat an
+    /// earlier row of the batch. Remove them, recompute the aggregates, commit again.
+    Duplicates(Vec<(usize, usize)>),
+}
+
+impl SinkBatch {
+    /// Remove rows (batch index, row index) and recompute the partial aggregates without them.
+    pub async fn remove_rows(
+        &mut self,
+        rows: &[(usize, usize)],
+    ) -> Result<usize, crate::engine::EngineError> {
+        let mut removed = 0;
+        for (bi, b) in self.transactions.iter_mut().enumerate() {
+            let drop: std::collections::HashSet<usize> = rows
+                .iter()
+                .filter(|(x, _)| *x == bi)
+                .map(|(_, r)| *r)
+                .collect();
+            if drop.is_empty() {
+                continue;
+            }
+            removed += drop.len();
+            let keep: datafusion::arrow::array::BooleanArray = (0..b.num_rows())
+                .map(|i| Some(!drop.contains(&i)))
+                .collect();
+            *b = datafusion::arrow::compute::filter_record_batch(b, &keep).map_err(|source| {
+                crate::engine::EngineError::Arrow {
+                    file: "<duplicates>".into(),
+                    source,
+                }
+            })?;
+        }
+        let mut partials = Vec::new();
+        for stage in self.aggregate_stages.iter() {
+            partials.push((stage.name.clone(), stage.partial(&self.transactions).await?));
+        }
+        self.aggregates = partials;
+        Ok(removed)
+    }
+}
+
 /// Offsets stored per (topic, partition).
 pub type StoredOffsets = HashMap<(String, i32), i64>;
 
@@ -112,10 +189,37 @@ impl Sink {
     }
 
     /// Commit a batch with its offsets, all or nothing.
-    pub async fn commit(&self, batch: &SinkBatch) -> Result<CommitStats, SinkError> {
+    pub async fn commit(&self, batch: &SinkBatch) -> Result<CommitOutcome, SinkError> {
         match self {
             Self::Postgres(s) => s.commit(batch).await,
             Self::Memory(s) => s.commit(batch),
+        }
+    }
+
+    /// Commit, removing duplicates (and recomputing the aggregates without them) until it
+    /// commits. Returns the stats with the number of duplicates removed.
+    pub async fn commit_dedup(&self, batch: &mut SinkBatch) -> Result<CommitStats, SinkError> {
+        let mut duplicates = 0u64;
+        loop {
+            match self.commit(batch).await? {
+                CommitOutcome::Committed(mut stats) => {
+                    stats.duplicates += duplicates;
+                    return Ok(stats);
+                }
+                CommitOutcome::Duplicates(rows) => {
+                    let n = batch.remove_rows(&rows).await.map_err(|e| {
+                        SinkError::Internal(format!(
+                            "recomputing aggregates without duplicates: {e}"
+                        ))
+                    })?;
+                    if n == 0 {
+                        return Err(SinkError::Internal(
+                            "unique violation without a duplicate row".into(),
+                        ));
+                    }
+                    duplicates += n as u64;
+                }
+            }
         }
     }
 }

@@ -1,32 +1,65 @@
-//! PostgreSQL / TimescaleDB sink: one database transaction per micro-batch holding the rows, the
-//! dead letters and the offsets.
+//! PostgreSQL / TimescaleDB sink: one database transaction per micro-batch holding the decided
+//! transactions, the alerts, the merged aggregates, the dead letters and the offsets.
 //!
 //! Rows go in with COPY straight into `transactions`. A transaction id already stored (a producer
-//! retry) makes that COPY fail on the primary key; the batch is then committed again through a
-//! staging table with `INSERT .. ON CONFLICT DO NOTHING`, so a duplicate is stored once and the
-//! common case pays no staging cost.
+//! retry) makes that COPY fail on the primary key: the transaction is rolled back and the sink
+//! answers with the duplicates ([`CommitOutcome::Duplicates`]); the pipeline removes them, computes
+//! the aggregates again without them, and commits once more. So a duplicate is stored once *and*
+//! counted once in every aggregate, and the common case pays nothing for it.
 //!
 //! Offsets are written with a guard: a partition's stored offset must still be the one this process
-//! started the batch from, or the commit is refused ([`SinkError::Fenced`]): two processes under one
-//! pipeline name cannot both write the same messages.
+//! started the batch from, or the commit is refused ([`SinkError::Fenced`]).
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use datafusion::arrow::array::{
+    Array, ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 
-use super::{CommitStats, SinkBatch, SinkError, StoredOffsets, copy};
+use super::{CommitOutcome, CommitStats, SinkBatch, SinkError, StoredOffsets, copy};
 use crate::config::PostgresConfig;
+use crate::engine::aggregates::{AggregateStage, Merge};
 use crate::engine::canonical::COLUMNS;
+use crate::engine::{DECISION, MODEL_VERSION, RULE_HITS, SCORE};
+
+/// Columns of `transactions` written by the sink, in order.
+fn transaction_columns() -> Vec<&'static str> {
+    let mut c: Vec<&str> = COLUMNS.iter().map(|c| c.0).collect();
+    c.extend([SCORE, MODEL_VERSION, DECISION, RULE_HITS]);
+    c
+}
+
+/// Columns of `alerts` taken from the decided rows (`features` is added as JSON).
+const ALERT_COLUMNS: &[&str] = &[
+    "transaction_id",
+    "event_time",
+    "source",
+    "amount",
+    "currency",
+    "customer_id",
+    "card_id",
+    "merchant_id",
+    DECISION,
+    SCORE,
+    MODEL_VERSION,
+    RULE_HITS,
+];
 
 /// The PostgreSQL sink.
 #[derive(Debug, Clone)]
 pub struct PgSink {
     pool: PgPool,
     pipeline: String,
-    copy_statement: String,
-    column_list: String,
+    copy_transactions: String,
+    copy_alerts: String,
+    /// Aggregate tables known to exist, by name, with the schema they were created for.
+    prepared: Arc<Mutex<HashMap<String, SchemaRef>>>,
 }
 
 const UNIQUE_VIOLATION: &str = "23505";
@@ -56,18 +89,35 @@ impl PgSink {
                 dir: migrations.display().to_string(),
                 source,
             })?;
-        let column_list = COLUMNS.iter().map(|c| c.0).collect::<Vec<_>>().join(", ");
+        let tx_cols = transaction_columns().join(", ");
+        let mut alert_cols: Vec<&str> = ALERT_COLUMNS.to_vec();
+        alert_cols.push("features");
         Ok(Self {
             pool,
             pipeline: pipeline.to_string(),
-            copy_statement: format!("COPY transactions ({column_list}) FROM STDIN"),
-            column_list,
+            copy_transactions: format!("COPY transactions ({tx_cols}) FROM STDIN"),
+            copy_alerts: format!("COPY alerts ({}) FROM STDIN", alert_cols.join(", ")),
+            prepared: Arc::default(),
         })
     }
 
     /// The connection pool (for the API and tests).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Create (or check) the table of every aggregate stage. A table that exists with other
+    /// columns is an error naming both shapes.
+    pub async fn prepare_aggregates(&self, stages: &[AggregateStage]) -> Result<(), SinkError> {
+        let mut conn = self.pool.acquire().await?;
+        for s in stages {
+            ensure_aggregate_table(&mut conn, s).await?;
+            self.prepared
+                .lock()
+                .expect("prepared lock")
+                .insert(s.name.clone(), s.schema());
+        }
+        Ok(())
     }
 
     /// Offsets stored for this pipeline.
@@ -89,66 +139,46 @@ impl PgSink {
             .collect())
     }
 
-    /// Commit a batch: rows, dead letters and offsets in one transaction.
-    pub async fn commit(&self, batch: &SinkBatch) -> Result<CommitStats, SinkError> {
-        let mut data = Vec::with_capacity(batch.rows() * 200);
+    /// Commit a batch: rows, alerts, aggregates, dead letters and offsets in one transaction;
+    /// or, when some of its transactions are stored already, nothing and the list of them.
+    pub async fn commit(&self, batch: &SinkBatch) -> Result<CommitOutcome, SinkError> {
+        let encode = |e: copy::CopyError| SinkError::Internal(e.to_string());
+        let cols = transaction_columns();
+        let mut tx_data = Vec::with_capacity(batch.rows() * 256);
+        let mut alert_data = Vec::new();
         for b in &batch.transactions {
-            copy::encode(b, &mut data)
-                .map_err(|e| SinkError::Database(sqlx::Error::Encode(Box::new(e))))?;
-        }
-        match self.commit_once(batch, &data, false).await {
-            Err(SinkError::Database(sqlx::Error::Database(e)))
-                if e.code().as_deref() == Some(UNIQUE_VIOLATION) =>
-            {
-                self.commit_once(batch, &data, true).await
+            copy::encode(&project(b, &cols)?, &mut tx_data).map_err(encode)?;
+            if let Some(alerts) = alerts_of(b)? {
+                copy::encode(&alerts, &mut alert_data).map_err(encode)?;
             }
-            other => other,
         }
-    }
-
-    async fn commit_once(
-        &self,
-        batch: &SinkBatch,
-        data: &[u8],
-        dedup: bool,
-    ) -> Result<CommitStats, SinkError> {
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         self.write_offsets(&mut tx, batch).await?;
         let rows = batch.rows() as u64;
-        let inserted = if rows == 0 {
-            0
-        } else if !dedup {
-            let mut copy = tx.copy_in_raw(&self.copy_statement).await?;
-            copy.send(data).await?;
-            copy.finish().await?
-        } else {
-            sqlx::query(
-                "CREATE TEMP TABLE IF NOT EXISTS payguard_staging \
-                 (LIKE transactions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-            )
-            .execute(&mut *tx)
-            .await?;
-            let mut copy = tx
-                .copy_in_raw(&format!(
-                    "COPY payguard_staging ({}) FROM STDIN",
-                    self.column_list
-                ))
-                .await?;
-            copy.send(data).await?;
+        if rows > 0 {
+            let mut copy = tx.copy_in_raw(&self.copy_transactions).await?;
+            copy.send(tx_data.as_slice()).await?;
+            match copy.finish().await {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                    drop(tx);
+                    return Ok(CommitOutcome::Duplicates(self.duplicates(batch).await?));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !alert_data.is_empty() {
+            let mut copy = tx.copy_in_raw(&self.copy_alerts).await?;
+            copy.send(alert_data.as_slice()).await?;
             copy.finish().await?;
-            // The column list is built from compile-time constants (canonical::COLUMNS).
-            let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO transactions ({cols}) \
-                 SELECT DISTINCT ON (transaction_id, event_time) {cols} FROM payguard_staging \
-                 ORDER BY transaction_id, event_time \
-                 ON CONFLICT DO NOTHING",
-                cols = self.column_list
-            )))
-            .execute(&mut *tx)
-            .await?;
-            r.rows_affected()
-        };
+        }
+        for (name, partials) in &batch.aggregates {
+            let Some(stage) = batch.aggregate_stages.iter().find(|s| &s.name == name) else {
+                continue;
+            };
+            self.merge_aggregate(&mut tx, stage, partials).await?;
+        }
         if !batch.dead_letters.is_empty() {
             let d = &batch.dead_letters;
             sqlx::query(
@@ -165,10 +195,121 @@ impl PgSink {
             .await?;
         }
         tx.commit().await?;
-        Ok(CommitStats {
-            inserted,
-            duplicates: rows - inserted,
-        })
+        Ok(CommitOutcome::Committed(CommitStats {
+            inserted: rows,
+            duplicates: 0,
+        }))
+    }
+
+    /// Rows of the batch (batch index, row index) that must not be stored: ids already in the
+    /// table, and repeats of an id within the batch after its first occurrence.
+    async fn duplicates(&self, batch: &SinkBatch) -> Result<Vec<(usize, usize)>, SinkError> {
+        let mut ids = Vec::new();
+        let mut times = Vec::new();
+        for b in &batch.transactions {
+            let (id, t) = id_time(b);
+            for i in 0..b.num_rows() {
+                ids.push(id.value(i).to_string());
+                times.push(chrono::DateTime::from_timestamp_millis(t.value(i)).unwrap_or_default());
+            }
+        }
+        let stored: HashSet<(String, i64)> = sqlx::query(
+            "SELECT t.transaction_id, (extract(epoch FROM t.event_time) * 1000)::bigint \
+             FROM transactions t \
+             JOIN UNNEST($1::text[], $2::timestamptz[]) AS u(id, ts) \
+               ON t.transaction_id = u.id AND t.event_time = u.ts",
+        )
+        .bind(&ids)
+        .bind(&times)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect();
+        let mut seen: HashSet<(String, i64)> = HashSet::new();
+        let mut out = Vec::new();
+        for (bi, b) in batch.transactions.iter().enumerate() {
+            let (id, t) = id_time(b);
+            for i in 0..b.num_rows() {
+                let key = (id.value(i).to_string(), t.value(i));
+                if stored.contains(&key) || !seen.insert(key) {
+                    out.push((bi, i));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn merge_aggregate(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        stage: &AggregateStage,
+        partials: &[RecordBatch],
+    ) -> Result<(), SinkError> {
+        if partials.iter().all(|b| b.num_rows() == 0) {
+            return Ok(());
+        }
+        let known = self
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .get(&stage.name)
+            .is_some_and(|s| s == &stage.schema());
+        if !known {
+            ensure_aggregate_table(&mut *tx, stage).await?;
+            self.prepared
+                .lock()
+                .expect("prepared lock")
+                .insert(stage.name.clone(), stage.schema());
+        }
+        let schema = stage.schema();
+        let table = format!("agg_{}", stage.name);
+        let staging = format!("payguard_staging_{}", stage.name);
+        let cols: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
+        // Identifiers come from the aggregate file's column aliases and are quoted.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )))
+        .execute(&mut **tx)
+        .await?;
+        let mut data = Vec::new();
+        for b in partials {
+            copy::encode(b, &mut data).map_err(|e| SinkError::Internal(e.to_string()))?;
+        }
+        let mut copy = tx
+            .copy_in_raw(&format!("COPY {staging} ({}) FROM STDIN", cols.join(", ")))
+            .await?;
+        copy.send(data.as_slice()).await?;
+        copy.finish().await?;
+        let keys: Vec<String> = stage
+            .keys
+            .iter()
+            .map(|i| quote(schema.field(*i).name()))
+            .collect();
+        let sets: Vec<String> = stage
+            .measures
+            .iter()
+            .map(|(i, m)| {
+                let c = quote(schema.field(*i).name());
+                match m {
+                    Merge::Add => format!(
+                        "{c} = CASE WHEN a.{c} IS NULL THEN EXCLUDED.{c} WHEN EXCLUDED.{c} IS NULL THEN a.{c} ELSE a.{c} + EXCLUDED.{c} END"
+                    ),
+                    Merge::Min => format!("{c} = LEAST(a.{c}, EXCLUDED.{c})"),
+                    Merge::Max => format!("{c} = GREATEST(a.{c}, EXCLUDED.{c})"),
+                }
+            })
+            .collect();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {table} AS a ({cols}) SELECT {cols} FROM {staging} \
+             ON CONFLICT ({keys}) DO UPDATE SET {sets}, updated_at = now()",
+            cols = cols.join(", "),
+            keys = keys.join(", "),
+            sets = sets.join(", "),
+        )))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     async fn write_offsets(
@@ -221,4 +362,162 @@ impl PgSink {
         }
         Ok(())
     }
+}
+
+fn id_time(b: &RecordBatch) -> (&StringArray, &TimestampMillisecondArray) {
+    (
+        b.column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("transaction_id"),
+        b.column(1)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("event_time"),
+    )
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+fn internal(message: String) -> SinkError {
+    SinkError::Internal(message)
+}
+
+/// The named columns of a batch, in the given order.
+fn project(b: &RecordBatch, cols: &[&str]) -> Result<RecordBatch, SinkError> {
+    let schema = b.schema();
+    let mut fields = Vec::with_capacity(cols.len());
+    let mut arrays = Vec::with_capacity(cols.len());
+    for c in cols {
+        let i = schema
+            .index_of(c)
+            .map_err(|_| internal(format!("decided rows lack column {c}")))?;
+        fields.push(schema.field(i).clone());
+        arrays.push(b.column(i).clone());
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|e| internal(e.to_string()))
+}
+
+/// Alert rows (decision other than approve) with their features as one JSON column.
+fn alerts_of(b: &RecordBatch) -> Result<Option<RecordBatch>, SinkError> {
+    let schema = b.schema();
+    let decision = b
+        .column_by_name(DECISION)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| internal("decided rows lack decision".into()))?;
+    let mask: datafusion::arrow::array::BooleanArray = decision
+        .iter()
+        .map(|d| Some(d.is_some_and(|d| d != "approve")))
+        .collect();
+    if mask.true_count() == 0 {
+        return Ok(None);
+    }
+    let alerts = datafusion::arrow::compute::filter_record_batch(b, &mask)
+        .map_err(|e| internal(e.to_string()))?;
+    let first_feature = COLUMNS.len();
+    let score = schema
+        .index_of(SCORE)
+        .map_err(|_| internal("decided rows lack score".into()))?;
+    let feature_fields: Vec<Field> = (first_feature..score)
+        .map(|i| schema.field(i).clone())
+        .collect();
+    let feature_batch = RecordBatch::try_new(
+        Arc::new(Schema::new(feature_fields)),
+        (first_feature..score)
+            .map(|i| alerts.column(i).clone())
+            .collect(),
+    )
+    .map_err(|e| internal(e.to_string()))?;
+    let mut w = datafusion::arrow::json::LineDelimitedWriter::new(Vec::new());
+    w.write(&feature_batch)
+        .map_err(|e| internal(e.to_string()))?;
+    w.finish().map_err(|e| internal(e.to_string()))?;
+    let text = String::from_utf8(w.into_inner()).map_err(|e| internal(e.to_string()))?;
+    let features: ArrayRef = Arc::new(StringArray::from(text.lines().collect::<Vec<_>>()));
+    let mut out = project(&alerts, ALERT_COLUMNS)?;
+    let mut fields: Vec<Field> = out
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new("features", DataType::Utf8, false));
+    let mut cols = out.columns().to_vec();
+    cols.push(features);
+    out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+        .map_err(|e| internal(e.to_string()))?;
+    Ok(Some(out))
+}
+
+fn pg_type(t: &DataType) -> Result<&'static str, String> {
+    Ok(match t {
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => "text",
+        DataType::Int64 => "bigint",
+        DataType::Int32 | DataType::Int16 | DataType::Int8 => "integer",
+        DataType::Float64 | DataType::Float32 => "double precision",
+        DataType::Decimal128(_, _) => "numeric",
+        DataType::Timestamp(_, _) => "timestamptz",
+        DataType::Boolean => "boolean",
+        other => return Err(format!("type {other} has no PostgreSQL column type here")),
+    })
+}
+
+async fn ensure_aggregate_table(
+    conn: &mut sqlx::PgConnection,
+    stage: &AggregateStage,
+) -> Result<(), SinkError> {
+    let schema = stage.schema();
+    let table = format!("agg_{}", stage.name);
+    let mut defs = Vec::new();
+    for f in schema.fields() {
+        let t = pg_type(f.data_type()).map_err(|m| {
+            internal(format!(
+                "{}: column {}: {m}",
+                stage.file.display(),
+                f.name()
+            ))
+        })?;
+        defs.push(format!("{} {t}", quote(f.name())));
+    }
+    defs.push("updated_at timestamptz NOT NULL DEFAULT now()".into());
+    let keys: Vec<String> = stage
+        .keys
+        .iter()
+        .map(|i| quote(schema.field(*i).name()))
+        .collect();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE IF NOT EXISTS {table} ({})",
+        defs.join(", ")
+    )))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE UNIQUE INDEX IF NOT EXISTS {table}_key ON {table} ({}) NULLS NOT DISTINCT",
+        keys.join(", ")
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let existing: Vec<String> = sqlx::query(
+        "SELECT column_name FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = $1 AND column_name <> 'updated_at' \
+         ORDER BY ordinal_position",
+    )
+    .bind(&table)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    let wanted: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    if existing != wanted {
+        return Err(internal(format!(
+            "{}: table {table} exists with columns ({}) but the query yields ({}); rename the file or drop the table",
+            stage.file.display(),
+            existing.join(", "),
+            wanted.join(", ")
+        )));
+    }
+    Ok(())
 }

@@ -130,18 +130,30 @@ impl Batcher {
         batch.messages[chunk.source].extend(chunk.messages);
     }
 
-    /// Run until the chunk channel closes: emit batches into `out`, the last one holding whatever
-    /// was pending. Returns when `out` is closed too (the downstream stopped).
-    pub async fn run(mut self, mut input: mpsc::Receiver<Chunk>, out: mpsc::Sender<Batch>) {
+    /// Run until the chunk channel closes or `stop` fires: emit batches into `out`, the last one
+    /// holding whatever was pending. Chunks still queued when `stop` fires are not taken: they
+    /// were never committed, so they are read again on the next start. Returns early when `out`
+    /// is closed (the downstream stopped).
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<Chunk>,
+        out: mpsc::Sender<Batch>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let mut batch = self.new_batch();
         loop {
             let deadline = batch.opened_at.map(|t| t + self.max_wait);
             let next = match deadline {
+                _ if stop.is_cancelled() => Some(None),
                 Some(d) => tokio::select! {
                     c = input.recv() => Some(c),
                     _ = tokio::time::sleep_until(d) => None,
+                    _ = stop.cancelled() => Some(None),
                 },
-                None => Some(input.recv().await),
+                None => tokio::select! {
+                    c = input.recv() => Some(c),
+                    _ = stop.cancelled() => Some(None),
+                },
             };
             match next {
                 Some(Some(mut chunk)) => {
@@ -216,7 +228,7 @@ mod tests {
         let b = Batcher::new(vec!["t".into()], 5, Duration::from_secs(60), stored);
         let (tx, rx) = mpsc::channel(16);
         let (otx, mut orx) = mpsc::channel(16);
-        let h = tokio::spawn(b.run(rx, otx));
+        let h = tokio::spawn(b.run(rx, otx, Default::default()));
         tx.send(chunk(0, 0, 10, 3)).await.unwrap();
         tx.send(chunk(0, 1, 0, 3)).await.unwrap();
         tx.send(chunk(0, 0, 13, 1)).await.unwrap();
@@ -242,7 +254,7 @@ mod tests {
         let b = Batcher::new(vec!["t".into()], 4, Duration::from_secs(60), HashMap::new());
         let (tx, rx) = mpsc::channel(16);
         let (otx, mut orx) = mpsc::channel(16);
-        tokio::spawn(b.run(rx, otx));
+        tokio::spawn(b.run(rx, otx, Default::default()));
         tx.send(chunk(0, 0, 0, 10)).await.unwrap();
         drop(tx);
         let mut got = Vec::new();
@@ -263,7 +275,7 @@ mod tests {
         );
         let (tx, rx) = mpsc::channel(16);
         let (otx, mut orx) = mpsc::channel(16);
-        tokio::spawn(b.run(rx, otx));
+        tokio::spawn(b.run(rx, otx, Default::default()));
         tx.send(chunk(0, 0, 0, 2)).await.unwrap();
         let got = orx.recv().await.unwrap();
         assert_eq!(got.len(), 2);

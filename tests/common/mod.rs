@@ -96,6 +96,11 @@ impl TestEnv {
             "migrations".into(),
             repo.join("sql/migrations").display().to_string().into(),
         );
+        let engine = t["engine"].as_table_mut().unwrap();
+        for key in ["features", "rules", "aggregates"] {
+            let abs = repo.join(engine[key].as_str().unwrap());
+            engine.insert(key.into(), abs.display().to_string().into());
+        }
         t["api"]
             .as_table_mut()
             .unwrap()

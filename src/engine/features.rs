@@ -1,0 +1,285 @@
+//! The feature stage: `features.sql` compiled into a pre query (keys, arguments), the incremental
+//! window operator, and a post query (the user's SELECT with window results as columns).
+//!
+//! Contract: the result has one row per input transaction, in input order, whose first column is
+//! `transaction_id`; the other columns are the features. No feature may reuse a canonical column
+//! name (they are joined to the canonical columns for the rules and the sink).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+
+use super::EngineError;
+use super::canonical;
+use super::sql::CompiledQuery;
+use super::state::{self, ArgKind, StateStats, WindowInput, WindowState};
+use super::windows::{FeaturePlan, WindowCall};
+
+/// The compiled feature stage with its state.
+#[derive(Debug)]
+pub struct FeatureStage {
+    plan: FeaturePlan,
+    pre: CompiledQuery,
+    post: CompiledQuery,
+    state: WindowState,
+    /// Schema of the feature columns (without `transaction_id`).
+    features: SchemaRef,
+}
+
+impl FeatureStage {
+    /// Compile `file`.
+    pub async fn compile(
+        file: &Path,
+        history_ms: i64,
+        lateness_ms: i64,
+        max_entities: usize,
+    ) -> Result<Self, EngineError> {
+        let sql = std::fs::read_to_string(file).map_err(|source| {
+            EngineError::Sql(super::sql::SqlError::Read {
+                file: file.to_path_buf(),
+                source,
+            })
+        })?;
+        let plan = FeaturePlan::plan(file, &sql, history_ms)?;
+        let canonical = canonical::schema();
+        let pre =
+            CompiledQuery::compile(file, &plan.pre_sql, "transactions", canonical.clone()).await?;
+        let pre_schema = pre.schema();
+        let mut kinds = Vec::with_capacity(plan.calls.len());
+        for (i, call) in plan.calls.iter().enumerate() {
+            let kind = match pre_schema.index_of(&format!("__a{i}")) {
+                Ok(idx) => {
+                    ArgKind::of(pre_schema.field(idx).data_type(), call.func).map_err(|m| {
+                        contract(
+                            file,
+                            format!(
+                                "{} OVER (PARTITION BY {}): {m}",
+                                describe(call),
+                                call.partition
+                            ),
+                        )
+                    })?
+                }
+                Err(_) => ArgKind::None,
+            };
+            kinds.push(kind);
+        }
+        let mut fields: Vec<Field> = canonical
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        for (i, (call, kind)) in plan.calls.iter().zip(&kinds).enumerate() {
+            fields.push(Field::new(
+                format!("__w{i}"),
+                state::output_type(call.func, *kind),
+                true,
+            ));
+        }
+        let post = CompiledQuery::compile(
+            file,
+            &plan.post_sql,
+            "transactions",
+            Arc::new(Schema::new(fields)),
+        )
+        .await?;
+        let out = post.schema();
+        if out.fields().is_empty() || out.field(0).name() != "transaction_id" {
+            return Err(contract(
+                file,
+                "the first selected column must be transaction_id".into(),
+            ));
+        }
+        let mut problems = Vec::new();
+        for f in out.fields().iter().skip(1) {
+            if canonical.index_of(f.name()).is_ok() {
+                problems.push(format!(
+                    "feature `{}` reuses a canonical column name; give it another alias",
+                    f.name()
+                ));
+            }
+            if f.name().starts_with("__") {
+                problems.push(format!(
+                    "feature `{}`: names starting with __ are reserved",
+                    f.name()
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(contract(file, problems.join("; ")));
+        }
+        let features = Arc::new(Schema::new(
+            out.fields().iter().skip(1).cloned().collect::<Vec<_>>(),
+        ));
+        let state = WindowState::new(
+            plan.calls.clone(),
+            kinds,
+            &plan.call_key,
+            plan.keys.len(),
+            lateness_ms,
+            max_entities,
+        );
+        Ok(Self {
+            plan,
+            pre,
+            post,
+            state,
+            features,
+        })
+    }
+
+    /// Schema of the feature columns (without `transaction_id`).
+    pub fn feature_schema(&self) -> SchemaRef {
+        self.features.clone()
+    }
+
+    /// The window calls, for deciding whether state can be kept across a reload.
+    pub fn calls(&self) -> &[WindowCall] {
+        &self.plan.calls
+    }
+
+    /// The SQL file.
+    pub fn file(&self) -> &PathBuf {
+        &self.plan.file
+    }
+
+    /// Take over the window state of the previous version when its window calls are the same.
+    pub fn adopt_state(&mut self, previous: FeatureStage) -> bool {
+        if previous.plan.calls == self.plan.calls && previous.plan.keys == self.plan.keys {
+            self.state = previous.state;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// State statistics.
+    pub fn stats(&self) -> StateStats {
+        self.state.stats()
+    }
+
+    /// Evict idle entities given the watermark.
+    pub fn evict(&mut self, watermark_ms: i64) {
+        self.state.evict(watermark_ms);
+    }
+
+    /// Compute features for canonical rows (one batch, in arrival order). Returns the feature
+    /// columns (without `transaction_id`), row-aligned with the input.
+    pub async fn process(&mut self, canonical: &RecordBatch) -> Result<RecordBatch, EngineError> {
+        let file = self.plan.file.clone();
+        let n = canonical.num_rows();
+        let pre = self.pre.execute(vec![canonical.clone()]).await?;
+        let pre = concat_or_empty(&self.pre.schema(), &pre, &file)?;
+        if pre.num_rows() != n {
+            return Err(contract(
+                &file,
+                format!("pre query returned {} rows for {n}", pre.num_rows()),
+            ));
+        }
+        let time = pre
+            .column_by_name("__t")
+            .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
+            .ok_or_else(|| contract(&file, "event_time is not a millisecond timestamp".into()))?
+            .clone();
+        let keys: Vec<ArrayRef> = (0..self.plan.keys.len())
+            .map(|j| {
+                pre.column_by_name(&format!("__k{j}"))
+                    .expect("planned key")
+                    .clone()
+            })
+            .collect();
+        let args: Vec<Option<ArrayRef>> = (0..self.plan.calls.len())
+            .map(|i| pre.column_by_name(&format!("__a{i}")).cloned())
+            .collect();
+        let mut windows = self
+            .state
+            .process(&WindowInput {
+                time: &time,
+                keys,
+                args,
+            })
+            .map_err(|source| EngineError::Arrow {
+                file: file.clone(),
+                source,
+            })?;
+        state::rescale_averages(&mut windows, &self.plan.calls, self.state.kinds()).map_err(
+            |source| EngineError::Arrow {
+                file: file.clone(),
+                source,
+            },
+        )?;
+        let with_windows =
+            state::append_columns(canonical, windows).map_err(|source| EngineError::Arrow {
+                file: file.clone(),
+                source,
+            })?;
+        let out = self.post.execute(vec![with_windows]).await?;
+        let out = concat_or_empty(&self.post.schema(), &out, &file)?;
+        if out.num_rows() != n {
+            return Err(contract(
+                &file,
+                format!(
+                    "must return one row per transaction in input order (no WHERE, GROUP BY, ORDER BY or DISTINCT); returned {} rows for {n}",
+                    out.num_rows()
+                ),
+            ));
+        }
+        let ids_in = canonical.column(0);
+        let ids_out = out.column(0);
+        let (a, b) = (
+            ids_in.as_any().downcast_ref::<StringArray>(),
+            ids_out.as_any().downcast_ref::<StringArray>(),
+        );
+        if let (Some(a), Some(b)) = (a, b)
+            && (0..n).any(|i| a.value(i) != b.value(i))
+        {
+            return Err(contract(
+                &file,
+                "rows must keep the input order (remove ORDER BY)".into(),
+            ));
+        }
+        let features = RecordBatch::try_new(
+            self.features.clone(),
+            out.columns().iter().skip(1).cloned().collect(),
+        )
+        .map_err(|source| EngineError::Arrow { file, source })?;
+        Ok(features)
+    }
+}
+
+fn describe(call: &WindowCall) -> String {
+    format!("{:?}({})", call.func, call.arg.as_deref().unwrap_or("*")).to_lowercase()
+}
+
+fn contract(file: &Path, message: String) -> EngineError {
+    EngineError::Contract {
+        file: file.to_path_buf(),
+        message,
+    }
+}
+
+/// Concatenate result batches (an empty result becomes an empty batch of the schema).
+pub fn concat_or_empty(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    file: &Path,
+) -> Result<RecordBatch, EngineError> {
+    match batches {
+        [] => Ok(RecordBatch::new_empty(schema.clone())),
+        [one] => Ok(one.clone()),
+        many => concat_batches(schema, many).map_err(|source| EngineError::Arrow {
+            file: file.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Whether a column of the given batch is all valid (helper for tests).
+pub fn all_valid(a: &dyn Array) -> bool {
+    a.null_count() == 0
+}
