@@ -15,6 +15,7 @@
 //!   canonical transaction contract ([`engine::canonical`]).
 //! - [`sink`]: PostgreSQL (COPY, offsets in the same transaction: exactly-once) and memory.
 //! - [`pipeline`]: wiring of the stages with bounded channels and one cancellation token.
+//! - [`replay`]: the same SQL offline over files, to Parquet (training sets, backtests).
 //! - [`api`]: HTTP health, figures and metrics (axum).
 //! - [`metrics`]: counters, gauges, histograms in Prometheus text format.
 //! - [`app`]: glue behind the CLI commands.
@@ -26,5 +27,6 @@ pub mod decode;
 pub mod engine;
 pub mod metrics;
 pub mod pipeline;
+pub mod replay;
 pub mod sink;
 pub mod source;

@@ -105,6 +105,24 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Run the same SQL offline over JSON-lines files of source messages and write every
+    /// transaction with its features, score, rule hits and decision to Parquet.
+    Replay {
+        /// Config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Input file of one source: SOURCE=PATH, or PATH named <stem>.<source>.jsonl (repeat for
+        /// several sources).
+        #[arg(long, required = true)]
+        input: Vec<String>,
+        /// Label feedback (JSON lines with transaction_id, label, fraud_scenario, reported_at),
+        /// joined as the columns label, label_scenario, label_reported_at.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Parquet file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Validate the config file and SQL files without starting anything; lists every problem.
     Check {
         /// Config file.
@@ -151,6 +169,44 @@ async fn dispatch(command: Command) -> ExitCode {
                 let n = problems.len();
                 eprintln!("{n} problem{} found", if n == 1 { "" } else { "s" });
                 ExitCode::from(2)
+            }
+        }
+        Command::Replay {
+            config,
+            input,
+            labels,
+            output,
+        } => {
+            let config = match app::load_config(&config) {
+                Ok(c) => c,
+                Err(e) => return fail_config(e),
+            };
+            let inputs: Result<Vec<_>, _> = input
+                .iter()
+                .map(|i| payguard::replay::parse_input(&config, i))
+                .collect();
+            let inputs = match inputs {
+                Ok(i) => i,
+                Err(e) => return fail_config(e.into()),
+            };
+            let started = std::time::Instant::now();
+            match payguard::replay::replay(&config, &inputs, labels.as_deref(), &output).await {
+                Ok(s) => {
+                    let mut decisions: Vec<_> = s.decisions.iter().collect();
+                    decisions.sort();
+                    eprintln!(
+                        "replayed {} messages in {:.1}s: {} rows to {} ({} dead letters, {} labelled fraud), decisions {:?}",
+                        s.messages,
+                        started.elapsed().as_secs_f64(),
+                        s.rows,
+                        output.display(),
+                        s.dead_letters,
+                        s.labelled_fraud,
+                        decisions
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => finish(Err(e.into())),
             }
         }
         Command::Run {

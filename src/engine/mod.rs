@@ -250,66 +250,14 @@ impl Engine {
         let mut canonical: Vec<RecordBatch> = Vec::new();
         let mut dead_letters: Vec<DeadLetter> = Vec::new();
         let mut messages = 0;
-        for (source_idx, (stage, msgs)) in self.sources.iter().zip(batch.messages).enumerate() {
+        for (source_idx, msgs) in batch.messages.into_iter().enumerate() {
             if msgs.is_empty() {
                 continue;
             }
             messages += msgs.len();
-            let decoded = stage.decoder.decode(&msgs)?;
-            dead_letters.extend(decoded.dead_letters);
-            if decoded.batch.num_rows() == 0 {
-                continue;
-            }
-            let mapped = stage.mapping.execute(vec![decoded.batch]).await?;
-            for b in mapped {
-                if b.num_rows() == 0 {
-                    continue;
-                }
-                let conformed =
-                    stage
-                        .conformer
-                        .conform(&b)
-                        .map_err(|source| EngineError::Arrow {
-                            file: stage.mapping.file().to_path_buf(),
-                            source,
-                        })?;
-                for r in conformed.rejected {
-                    dead_letters.push(dead_letter_of(
-                        stage,
-                        &msgs,
-                        r.partition,
-                        r.offset,
-                        r.row,
-                        r.reason,
-                    ));
-                }
-                let rows = conformed.rows;
-                if rows.num_rows() == 0 {
-                    continue;
-                }
-                let (rows, future) = split_future(
-                    &rows,
-                    wall_ms + self.max_future_ms,
-                    conformed.partitions.as_ref(),
-                )
-                .map_err(|source| EngineError::Arrow {
-                    file: stage.mapping.file().to_path_buf(),
-                    source,
-                })?;
-                for (partition, offset, row, reason) in future {
-                    dead_letters.push(dead_letter_of(stage, &msgs, partition, offset, row, reason));
-                }
-                observe_watermark(
-                    &mut self.watermark,
-                    source_idx,
-                    &rows.0,
-                    rows.1.as_ref(),
-                    now,
-                );
-                if rows.0.num_rows() > 0 {
-                    canonical.push(rows.0);
-                }
-            }
+            let (rows, dead) = self.canonicalize(source_idx, &msgs, wall_ms, now).await?;
+            canonical.extend(rows);
+            dead_letters.extend(dead);
         }
         let watermark = self.watermark.advance(now);
         let schema = canonical::schema();
@@ -350,6 +298,77 @@ impl Engine {
             offsets: batch.offsets,
             opened_at: batch.opened_at,
         })
+    }
+
+    /// Decode and map one source's messages into canonical rows (and dead letters), updating the
+    /// watermark. `wall_ms` is the wall clock used to refuse events from the future.
+    pub async fn canonicalize(
+        &mut self,
+        source_idx: usize,
+        msgs: &[crate::decode::RawMessage],
+        wall_ms: i64,
+        now: Instant,
+    ) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>), EngineError> {
+        let stage = &self.sources[source_idx];
+        let mut canonical = Vec::new();
+        let mut dead_letters = Vec::new();
+            let decoded = stage.decoder.decode(msgs)?;
+            dead_letters.extend(decoded.dead_letters);
+            if decoded.batch.num_rows() == 0 {
+                return Ok((canonical, dead_letters));
+            }
+            let mapped = stage.mapping.execute(vec![decoded.batch]).await?;
+            for b in mapped {
+                if b.num_rows() == 0 {
+                    continue;
+                }
+                let conformed =
+                    stage
+                        .conformer
+                        .conform(&b)
+                        .map_err(|source| EngineError::Arrow {
+                            file: stage.mapping.file().to_path_buf(),
+                            source,
+                        })?;
+                for r in conformed.rejected {
+                    dead_letters.push(dead_letter_of(
+                        stage,
+                        msgs,
+                        r.partition,
+                        r.offset,
+                        r.row,
+                        r.reason,
+                    ));
+                }
+                let rows = conformed.rows;
+                if rows.num_rows() == 0 {
+                    continue;
+                }
+                let (rows, future) = split_future(
+                    &rows,
+                    wall_ms + self.max_future_ms,
+                    conformed.partitions.as_ref(),
+                )
+                .map_err(|source| EngineError::Arrow {
+                    file: stage.mapping.file().to_path_buf(),
+                    source,
+                })?;
+                for (partition, offset, row, reason) in future {
+                    dead_letters.push(dead_letter_of(stage, msgs, partition, offset, row, reason));
+                }
+                observe_watermark(
+                    &mut self.watermark,
+                    source_idx,
+                    &rows.0,
+                    rows.1.as_ref(),
+                    now,
+                );
+                if rows.0.num_rows() > 0 {
+                    canonical.push(rows.0);
+                }
+            }
+        
+        Ok((canonical, dead_letters))
     }
 
     /// Features, score, rules and decision for canonical rows: the decided batch.
