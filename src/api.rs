@@ -85,7 +85,9 @@ async fn live() -> Json<serde_json::Value> {
 async fn ready(State(s): State<ApiState>) -> Response {
     let sql = match s.metrics.reload_error.lock().expect("reload lock").clone() {
         None => json!({ "status": "ok" }),
-        Some(e) => json!({ "status": "reload_failed", "error": e, "detail": "the previous SQL version keeps running" }),
+        Some(e) => {
+            json!({ "status": "reload_failed", "error": e, "detail": "the previous SQL version keeps running" })
+        }
     };
     if s.metrics.sink_ready.get() >= 1.0 {
         Json(json!({ "status": "ready", "lag": s.metrics.total_lag(), "sql": sql })).into_response()

@@ -19,9 +19,11 @@
 //! - [`api`]: HTTP health, figures and metrics (axum).
 //! - [`metrics`]: counters, gauges, histograms in Prometheus text format.
 //! - [`app`]: glue behind the CLI commands.
+//! - [`bench`]: `payguard bench` measurements (BENCHMARKS.md).
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod decode;
 pub mod engine;

@@ -123,6 +123,24 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Measure the engine with the shipped SQL (figures for BENCHMARKS.md).
+    Bench {
+        /// What to measure: `engine`.
+        #[arg(default_value = "engine")]
+        what: String,
+        /// Config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Simulated card transactions per run.
+        #[arg(long, default_value_t = 500_000)]
+        rows: usize,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Rows per micro-batch.
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+    },
     /// Validate the config file and SQL files without starting anything; lists every problem.
     Check {
         /// Config file.
@@ -204,6 +222,30 @@ async fn dispatch(command: Command) -> ExitCode {
                         s.labelled_fraud,
                         decisions
                     );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => finish(Err(e.into())),
+            }
+        }
+        Command::Bench {
+            what,
+            config,
+            rows,
+            runs,
+            batch,
+        } => {
+            if what != "engine" {
+                eprintln!("unknown benchmark {what:?}; known: engine");
+                return ExitCode::from(2);
+            }
+            let path = config.clone();
+            let config = match app::load_config(&config) {
+                Ok(c) => c,
+                Err(e) => return fail_config(e),
+            };
+            match payguard::bench::engine(&config, rows, runs, batch).await {
+                Ok(b) => {
+                    println!("{}", payguard::bench::report(&b, &path));
                     ExitCode::SUCCESS
                 }
                 Err(e) => finish(Err(e.into())),

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::arrow::array::{
-    Array,
-    ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray, UInt64Array,
+    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray, UInt64Array,
 };
-use datafusion::arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use datafusion::arrow::compute::{
+    SortColumn, concat_batches, lexsort_to_indices, take_record_batch,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
@@ -88,7 +89,10 @@ pub fn parse_input(config: &Config, arg: &str) -> Result<ReplayInput, ReplayErro
         });
     }
     let path = PathBuf::from(arg);
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
     if let Some(source) = stem.rsplit('.').next().and_then(find)
         && stem.contains('.')
     {
@@ -129,7 +133,11 @@ fn read_labels(path: &Path) -> Result<HashMap<String, Label>, ReplayError> {
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
-            ReplayError::Usage(format!("{}:{}: not a JSON label: {e}", path.display(), i + 1))
+            ReplayError::Usage(format!(
+                "{}:{}: not a JSON label: {e}",
+                path.display(),
+                i + 1
+            ))
         })?;
         let Some(id) = v["transaction_id"].as_str() else {
             return Err(ReplayError::Usage(format!(
@@ -325,7 +333,12 @@ fn with_labels(
         scenario.push(l.and_then(|l| l.scenario.clone()));
         reported.push(l.and_then(|l| l.reported_at));
     }
-    let mut fields: Vec<Field> = decided.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = decided
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.push(Field::new("label", DataType::Boolean, false));
     fields.push(Field::new("label_scenario", DataType::Utf8, true));
     fields.push(Field::new(
@@ -336,8 +349,11 @@ fn with_labels(
     let mut cols: Vec<ArrayRef> = decided.columns().to_vec();
     cols.push(Arc::new(BooleanArray::from(fraud)));
     cols.push(Arc::new(StringArray::from(scenario)));
-    cols.push(Arc::new(TimestampMillisecondArray::from(reported).with_timezone("UTC")));
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| ReplayError::Data(e.to_string()))
+    cols.push(Arc::new(
+        TimestampMillisecondArray::from(reported).with_timezone("UTC"),
+    ));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+        .map_err(|e| ReplayError::Data(e.to_string()))
 }
 
 fn count_decisions(b: &RecordBatch, summary: &mut ReplaySummary) {

@@ -144,3 +144,93 @@ fn demo_runs_the_whole_pipeline_without_any_service() {
     assert!(err.contains("messages=20000"), "{err}");
     assert!(err.contains("transactions=20000"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_writes_every_transaction_with_features_decision_and_labels_to_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("gen.jsonl");
+    let out = Command::new(common::bin())
+        .args([
+            "generate",
+            "--config",
+            "config.toml",
+            "--source",
+            "card",
+            "--count",
+            "20000",
+            "--labels",
+        ])
+        .args([
+            "--label-delay-min-days",
+            "0",
+            "--label-delay-max-days",
+            "0",
+            "-q",
+            "--output",
+        ])
+        .arg(&generated)
+        .current_dir(common::repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let card = if dir.path().join("gen.card.jsonl").exists() {
+        dir.path().join("gen.card.jsonl")
+    } else {
+        generated.clone()
+    };
+    let labels = dir.path().join("gen.labels.jsonl");
+    let label_lines = std::fs::read_to_string(&labels).unwrap().lines().count();
+    assert!(label_lines > 0, "the simulator wrote label feedback");
+    let parquet = dir.path().join("out.parquet");
+    let out = Command::new(common::bin())
+        .args(["replay", "--config", "config.toml", "--input"])
+        .arg(format!("card={}", card.display()))
+        .arg("--labels")
+        .arg(&labels)
+        .arg("--output")
+        .arg(&parquet)
+        .current_dir(common::repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_parquet("r", parquet.to_str().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let batches = ctx
+        .sql(
+            "SELECT count(*) AS n, count(DISTINCT transaction_id) AS ids, \
+              sum(CASE WHEN label THEN 1 ELSE 0 END) AS fraud, \
+              min(card_tx_10m) AS min_velocity, count(decision) AS decided \
+              FROM r",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let row = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    let values: Vec<i64> = row
+        .lines()
+        .nth(3)
+        .unwrap()
+        .split('|')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    assert_eq!(values[0], 20_000, "{row}");
+    assert_eq!(values[1], 20_000, "{row}");
+    assert_eq!(values[2], label_lines as i64, "every label joined: {row}");
+    assert_eq!(values[3], 1, "{row}");
+    assert_eq!(values[4], 20_000, "{row}");
+}

@@ -69,7 +69,9 @@ fn canonical_batch(rows: &[Row]) -> RecordBatch {
     let mut cols: Vec<ArrayRef> = Vec::new();
     for f in schema.fields() {
         let a: ArrayRef = match f.name().as_str() {
-            "transaction_id" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.id.clone()))),
+            "transaction_id" => Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.id.clone()),
+            )),
             "event_time" => Arc::new(
                 TimestampMillisecondArray::from(rows.iter().map(|r| r.t).collect::<Vec<_>>())
                     .with_timezone("UTC"),
@@ -82,9 +84,17 @@ fn canonical_batch(rows: &[Row]) -> RecordBatch {
             ),
             "currency" => Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "BRL"))),
             "card_id" => Arc::new(rows.iter().map(|r| r.card.clone()).collect::<StringArray>()),
-            "customer_id" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.customer.clone()))),
-            "merchant_id" => Arc::new(rows.iter().map(|r| r.merchant.clone()).collect::<StringArray>()),
-            "latitude" => Arc::new(Float64Array::from(rows.iter().map(|r| r.lat).collect::<Vec<_>>())),
+            "customer_id" => Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.customer.clone()),
+            )),
+            "merchant_id" => Arc::new(
+                rows.iter()
+                    .map(|r| r.merchant.clone())
+                    .collect::<StringArray>(),
+            ),
+            "latitude" => Arc::new(Float64Array::from(
+                rows.iter().map(|r| r.lat).collect::<Vec<_>>(),
+            )),
             _ => new_null_array(f.data_type(), n),
         };
         cols.push(a);
@@ -130,7 +140,9 @@ fn brute(rows: &[Row], i: usize) -> Vec<Want> {
             None => vec![],
             Some(k) => rows[..=i]
                 .iter()
-                .filter(|y| key(y).as_deref() == Some(k.as_str()) && y.t >= x.t - range && y.t <= x.t)
+                .filter(|y| {
+                    key(y).as_deref() == Some(k.as_str()) && y.t >= x.t - range && y.t <= x.t
+                })
                 .collect(),
         }
     };
@@ -144,9 +156,16 @@ fn brute(rows: &[Row], i: usize) -> Vec<Want> {
     let f_cus1h = frame(&customer, h1);
     let f_cus24 = frame(&customer, 24 * h1);
     let f_m30 = frame(&merchant, 30 * 60_000);
-    let dm: HashSet<&String> = f_card1h.iter().filter_map(|r| r.merchant.as_ref()).collect();
+    let dm: HashSet<&String> = f_card1h
+        .iter()
+        .filter_map(|r| r.merchant.as_ref())
+        .collect();
     let opt_int = |v: Vec<i128>| -> Want {
-        if v.is_empty() { Want::Null } else { Want::Int(v.iter().sum()) }
+        if v.is_empty() {
+            Want::Null
+        } else {
+            Want::Int(v.iter().sum())
+        }
     };
     let avg = if f_cus24.is_empty() {
         Want::Null
@@ -169,16 +188,29 @@ fn brute(rows: &[Row], i: usize) -> Vec<Want> {
             .map(|(_, y)| y)
     });
     vec![
-        Want::Int(if x.card.is_some() { f_c10.len() as i128 } else { 0 }),
+        Want::Int(if x.card.is_some() {
+            f_c10.len() as i128
+        } else {
+            0
+        }),
         Want::Int(f_card1h.iter().filter(|r| r.merchant.is_some()).count() as i128),
         Want::Int(dm.len() as i128),
         opt_int(f_cus1h.iter().map(|r| r.cents as i128).collect()),
         avg,
-        f_m30.iter().map(|r| r.cents as i128).min().map_or(Want::Null, Want::Int),
-        f_m30.iter().map(|r| r.cents as i128).max().map_or(Want::Null, Want::Int),
+        f_m30
+            .iter()
+            .map(|r| r.cents as i128)
+            .min()
+            .map_or(Want::Null, Want::Int),
+        f_m30
+            .iter()
+            .map(|r| r.cents as i128)
+            .max()
+            .map_or(Want::Null, Want::Int),
         slat,
         prev.map_or(Want::Null, |p| Want::Int(p.cents as i128)),
-        prev.and_then(|p| p.merchant.clone()).map_or(Want::Null, Want::Text),
+        prev.and_then(|p| p.merchant.clone())
+            .map_or(Want::Null, Want::Text),
     ]
 }
 
@@ -204,7 +236,9 @@ fn got(col: &ArrayRef, i: usize) -> Want {
 
 fn same(a: &Want, b: &Want) -> bool {
     match (a, b) {
-        (Want::Float(x), Want::Float(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-300),
+        (Want::Float(x), Want::Float(y)) => {
+            (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-300)
+        }
         _ => a == b,
     }
 }
@@ -221,11 +255,21 @@ async fn incremental_windows_equal_brute_force_on_out_of_order_streams() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
         while at < rows.len() {
             let n = rng.random_range(1..800).min(rows.len() - at);
-            outputs.push(st.process(&canonical_batch(&rows[at..at + n])).await.unwrap());
+            outputs.push(
+                st.process(&canonical_batch(&rows[at..at + n]))
+                    .await
+                    .unwrap(),
+            );
             at += n;
         }
-        let all = datafusion::arrow::compute::concat_batches(&outputs[0].schema(), &outputs).unwrap();
-        let names: Vec<String> = all.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let all =
+            datafusion::arrow::compute::concat_batches(&outputs[0].schema(), &outputs).unwrap();
+        let names: Vec<String> = all
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         let mut checked = 0;
         for i in 0..rows.len() {
             let want = brute(&rows, i);
@@ -277,7 +321,8 @@ async fn decided_and_aggregates(
     messages: &[payguard::decode::RawMessage],
     cut: usize,
 ) -> (Vec<String>, BTreeMap<(String, String), Vec<String>>) {
-    let config = payguard::config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
+    let config =
+        payguard::config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
     let mut engine = payguard::engine::Engine::new(&config).await.unwrap();
     let metrics = payguard::metrics::Metrics::default();
     let stages = engine.aggregates();
@@ -363,8 +408,15 @@ impl Merged {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn features_decisions_and_aggregates_do_not_depend_on_batch_boundaries() {
-    let config = payguard::config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
-    let mut sim = payguard::source::simulator::Simulator::new(&config.simulator, &config.sources[..1], 11, 20.0).unwrap();
+    let config =
+        payguard::config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
+    let mut sim = payguard::source::simulator::Simulator::new(
+        &config.simulator,
+        &config.sources[..1],
+        11,
+        20.0,
+    )
+    .unwrap();
     let messages: Vec<payguard::decode::RawMessage> = (0..1_500)
         .map(|i| {
             let g = sim.next_message();

@@ -40,7 +40,10 @@ async fn sql_edits_are_reloaded_between_batches_and_bad_edits_are_refused() {
     let text = std::fs::read_to_string(&env.config).unwrap();
     let mut t: toml::Table = toml::from_str(&text).unwrap();
     let e = t["engine"].as_table_mut().unwrap();
-    e.insert("rules".into(), sql.join("rules.sql").display().to_string().into());
+    e.insert(
+        "rules".into(),
+        sql.join("rules.sql").display().to_string().into(),
+    );
     std::fs::write(&env.config, toml::to_string(&t).unwrap()).unwrap();
 
     env.generate(2_000, &[]);
@@ -49,7 +52,8 @@ async fn sql_edits_are_reloaded_between_batches_and_bad_edits_are_refused() {
         env.transactions().await >= 2_000
     })
     .await;
-    let log_path = std::fs::read_to_string(env.dir.path().join(format!("pid-{}", run.id()))).unwrap();
+    let log_path =
+        std::fs::read_to_string(env.dir.path().join(format!("pid-{}", run.id()))).unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
     let addr = log
         .lines()
@@ -58,7 +62,8 @@ async fn sql_edits_are_reloaded_between_batches_and_bad_edits_are_refused() {
         .trim()
         .to_string();
     assert_eq!(
-        env.scalar("SELECT count(*) FROM transactions WHERE decision = 'decline'").await,
+        env.scalar("SELECT count(*) FROM transactions WHERE decision = 'decline'")
+            .await,
         0,
         "the shipped rules decline nothing in this traffic"
     );
@@ -68,20 +73,28 @@ async fn sql_edits_are_reloaded_between_batches_and_bad_edits_are_refused() {
     let good = std::fs::read_to_string(&rules).unwrap();
     std::fs::write(&rules, format!("{good}\nUNION ALL SELECT transaction_id, 'x', 'decline', 'x' FROM scored WHERE no_such_column > 1")).unwrap();
     env.wait_for("the refusal", Duration::from_secs(30), || async {
-        http_get(&addr, "/health/ready").await.contains("reload_failed")
+        http_get(&addr, "/health/ready")
+            .await
+            .contains("reload_failed")
     })
     .await;
     let ready = http_get(&addr, "/health/ready").await;
     assert!(ready.contains("no_such_column"), "{ready}");
     let metrics = http_get(&addr, "/metrics").await;
-    assert!(metrics.contains("payguard_sql_reload_failures_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("payguard_sql_reload_failures_total 1"),
+        "{metrics}"
+    );
     env.generate(1_000, &["--seed", "5"]);
-    env.wait_for("rows under the old rules", Duration::from_secs(60), || async {
-        env.transactions().await >= 3_000
-    })
+    env.wait_for(
+        "rows under the old rules",
+        Duration::from_secs(60),
+        || async { env.transactions().await >= 3_000 },
+    )
     .await;
     assert_eq!(
-        env.scalar("SELECT count(*) FROM transactions WHERE decision = 'decline'").await,
+        env.scalar("SELECT count(*) FROM transactions WHERE decision = 'decline'")
+            .await,
         0
     );
 
@@ -92,22 +105,34 @@ async fn sql_edits_are_reloaded_between_batches_and_bad_edits_are_refused() {
     )
     .unwrap();
     env.wait_for("the reload", Duration::from_secs(30), || async {
-        http_get(&addr, "/metrics").await.contains("payguard_sql_reloads_total 1")
+        http_get(&addr, "/metrics")
+            .await
+            .contains("payguard_sql_reloads_total 1")
     })
     .await;
-    assert!(!http_get(&addr, "/health/ready").await.contains("reload_failed"));
+    assert!(
+        !http_get(&addr, "/health/ready")
+            .await
+            .contains("reload_failed")
+    );
     env.generate(1_000, &["--seed", "6"]);
-    env.wait_for("rows under the new rules", Duration::from_secs(60), || async {
-        env.transactions().await >= 4_000
-    })
+    env.wait_for(
+        "rows under the new rules",
+        Duration::from_secs(60),
+        || async { env.transactions().await >= 4_000 },
+    )
     .await;
     assert_eq!(
-        env.scalar("SELECT count(*) FROM transactions WHERE decision = 'decline'").await,
+        env.scalar("SELECT count(*) FROM transactions WHERE decision = 'decline'")
+            .await,
         1_000,
         "exactly the rows after the reload are declined"
     );
     assert_eq!(
-        env.scalar("SELECT count(*) FROM alerts WHERE rule_hits @> '[{\"rule\":\"all_declined\"}]'").await,
+        env.scalar(
+            "SELECT count(*) FROM alerts WHERE rule_hits @> '[{\"rule\":\"all_declined\"}]'"
+        )
+        .await,
         1_000
     );
     signal(&run, "TERM");

@@ -312,62 +312,61 @@ impl Engine {
         let stage = &self.sources[source_idx];
         let mut canonical = Vec::new();
         let mut dead_letters = Vec::new();
-            let decoded = stage.decoder.decode(msgs)?;
-            dead_letters.extend(decoded.dead_letters);
-            if decoded.batch.num_rows() == 0 {
-                return Ok((canonical, dead_letters));
+        let decoded = stage.decoder.decode(msgs)?;
+        dead_letters.extend(decoded.dead_letters);
+        if decoded.batch.num_rows() == 0 {
+            return Ok((canonical, dead_letters));
+        }
+        let mapped = stage.mapping.execute(vec![decoded.batch]).await?;
+        for b in mapped {
+            if b.num_rows() == 0 {
+                continue;
             }
-            let mapped = stage.mapping.execute(vec![decoded.batch]).await?;
-            for b in mapped {
-                if b.num_rows() == 0 {
-                    continue;
-                }
-                let conformed =
-                    stage
-                        .conformer
-                        .conform(&b)
-                        .map_err(|source| EngineError::Arrow {
-                            file: stage.mapping.file().to_path_buf(),
-                            source,
-                        })?;
-                for r in conformed.rejected {
-                    dead_letters.push(dead_letter_of(
-                        stage,
-                        msgs,
-                        r.partition,
-                        r.offset,
-                        r.row,
-                        r.reason,
-                    ));
-                }
-                let rows = conformed.rows;
-                if rows.num_rows() == 0 {
-                    continue;
-                }
-                let (rows, future) = split_future(
-                    &rows,
-                    wall_ms + self.max_future_ms,
-                    conformed.partitions.as_ref(),
-                )
+            let conformed = stage
+                .conformer
+                .conform(&b)
                 .map_err(|source| EngineError::Arrow {
                     file: stage.mapping.file().to_path_buf(),
                     source,
                 })?;
-                for (partition, offset, row, reason) in future {
-                    dead_letters.push(dead_letter_of(stage, msgs, partition, offset, row, reason));
-                }
-                observe_watermark(
-                    &mut self.watermark,
-                    source_idx,
-                    &rows.0,
-                    rows.1.as_ref(),
-                    now,
-                );
-                if rows.0.num_rows() > 0 {
-                    canonical.push(rows.0);
-                }
+            for r in conformed.rejected {
+                dead_letters.push(dead_letter_of(
+                    stage,
+                    msgs,
+                    r.partition,
+                    r.offset,
+                    r.row,
+                    r.reason,
+                ));
             }
-        
+            let rows = conformed.rows;
+            if rows.num_rows() == 0 {
+                continue;
+            }
+            let (rows, future) = split_future(
+                &rows,
+                wall_ms + self.max_future_ms,
+                conformed.partitions.as_ref(),
+            )
+            .map_err(|source| EngineError::Arrow {
+                file: stage.mapping.file().to_path_buf(),
+                source,
+            })?;
+            for (partition, offset, row, reason) in future {
+                dead_letters.push(dead_letter_of(stage, msgs, partition, offset, row, reason));
+            }
+            observe_watermark(
+                &mut self.watermark,
+                source_idx,
+                &rows.0,
+                rows.1.as_ref(),
+                now,
+            );
+            if rows.0.num_rows() > 0 {
+                canonical.push(rows.0);
+            }
+        }
+
         Ok((canonical, dead_letters))
     }
 
