@@ -234,3 +234,60 @@ async fn replay_writes_every_transaction_with_features_decision_and_labels_to_pa
     assert_eq!(values[3], 1, "{row}");
     assert_eq!(values[4], 20_000, "{row}");
 }
+
+#[test]
+fn check_refuses_an_aggregate_that_cannot_be_merged_and_a_window_it_cannot_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        Command::new("cp")
+            .arg("-r")
+            .arg(common::repo().join("sql"))
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::write(
+        dir.path().join("sql/aggregates/bad_median.sql"),
+        "SELECT date_bin(INTERVAL '1 minute', event_time) AS bucket,\n       median(amount) AS typical\nFROM decided GROUP BY 1",
+    )
+    .unwrap();
+    let features = std::fs::read_to_string(dir.path().join("sql/features.sql")).unwrap();
+    let broken = features.replacen("INTERVAL '7 days'", "INTERVAL '30 days'", 1);
+    assert_ne!(broken, features);
+    std::fs::write(dir.path().join("sql/features.sql"), &broken).unwrap();
+    std::fs::copy(
+        common::repo().join("config.toml"),
+        dir.path().join("config.toml"),
+    )
+    .unwrap();
+    let out = payguard(&[
+        "check",
+        "--config",
+        dir.path().join("config.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = broken
+        .lines()
+        .position(|l| l.contains("'30 days'"))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!("features.sql:{}: ", line - 1))
+            || err.contains(&format!("features.sql:{line}: ")),
+        "{err}"
+    );
+    assert!(
+        err.contains("exceeds the kept history engine.history = 7d"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad_median.sql: line 2: `median(amount)`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cannot be merged across micro-batches"),
+        "{err}"
+    );
+}

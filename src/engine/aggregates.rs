@@ -55,8 +55,13 @@ fn err(file: &Path, line: Option<usize>, message: String) -> EngineError {
 }
 
 impl AggregateStage {
-    /// Compile one aggregate file against the `decided` schema.
-    pub async fn compile(file: &Path, decided: SchemaRef) -> Result<Self, EngineError> {
+    /// Check a file's shape without compiling it (names, mergeable aggregates): what `check` can
+    /// still say when the schema it would compile against is not known.
+    pub fn lint(file: &Path) -> Result<(), EngineError> {
+        Self::analyze(file).map(|_| ())
+    }
+
+    fn analyze(file: &Path) -> Result<(String, String, Vec<Option<Merge>>), EngineError> {
         let sql = std::fs::read_to_string(file).map_err(|source| {
             EngineError::Sql(super::sql::SqlError::Read {
                 file: file.to_path_buf(),
@@ -112,6 +117,12 @@ impl AggregateStage {
             }
             kinds.push(classify(expr).map_err(|m| err(file, line, m))?);
         }
+        Ok((name, sql, kinds))
+    }
+
+    /// Compile one aggregate file against the `decided` schema.
+    pub async fn compile(file: &Path, decided: SchemaRef) -> Result<Self, EngineError> {
+        let (name, sql, kinds) = Self::analyze(file)?;
         let query = CompiledQuery::compile(file, &sql, "decided", decided).await?;
         let schema = query.schema();
         let keys: Vec<usize> = kinds

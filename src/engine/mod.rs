@@ -144,6 +144,15 @@ impl Engine {
         let (features, rules, aggregates, decided_schema) = match features {
             Err(err) => {
                 errors.push(err);
+                // Without the feature columns, rules and aggregates cannot be compiled; still
+                // check what can be checked of the aggregate files.
+                if let Ok(files) = aggregate_files(&config.resolve(&e.aggregates)) {
+                    for file in files {
+                        if let Err(err) = AggregateStage::lint(&file) {
+                            errors.push(err);
+                        }
+                    }
+                }
                 (None, None, Vec::new(), None)
             }
             Ok(f) => {
