@@ -358,7 +358,8 @@ async fn generate_files(
         progress.output(&sources[i].name, &p);
         files[i] = Some(create(&p)?);
     }
-    let mut label_file = if sim.params().label_feedback {
+    let labels = sim.params().label_feedback;
+    let mut label_file = if labels {
         let p = sibling(path, "labels");
         progress.output("labels", &p);
         Some(create(&p)?)
@@ -388,7 +389,9 @@ async fn generate_files(
         {
             break;
         }
-        if let Some(d) = limits.wait(started, produced) {
+        if limits.rate > 0
+            && let Some(d) = limits.wait(started, produced)
+        {
             tokio::time::sleep(d).await;
         }
         scratch.clear();
@@ -405,7 +408,7 @@ async fn generate_files(
         summary.per_source[m.source] += 1;
         summary.fraudulent += m.is_fraud as u64;
         produced += 1;
-        while sim.next_label_into(&mut label_buf).is_some() {
+        while labels && sim.next_label_into(&mut label_buf).is_some() {
             label_buf.push(b'\n');
             summary.labels += 1;
         }

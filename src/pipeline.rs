@@ -149,7 +149,9 @@ pub async fn run(
                 &config.simulator,
                 &config.sources,
                 config.simulator.seed,
-                config.simulator.rate.max(1) as f64,
+                // The population's own pace: simulated time runs as fast as needed for the
+                // configured wall-clock rate, so velocity features see realistic gaps.
+                0.0,
             )?;
             tasks.spawn(simulate(
                 sim,

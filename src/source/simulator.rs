@@ -424,7 +424,7 @@ const LOCAL_OFFSET_MS: i64 = -3 * 3_600_000;
 const MERCHANT_ACCOUNT_BASE: u64 = 60_000_000;
 const MULE_ACCOUNT_BASE: u64 = 90_000_000;
 
-const MAX_FAV: usize = 12;
+const MAX_FAV: usize = 11;
 const MAX_CONTACTS: usize = 6;
 /// Chance per genuine payment that a customer at home plans a trip.
 const TRIP_START_P: f64 = 1.0 / 250.0;
@@ -433,6 +433,9 @@ const TAIL_P: f64 = 0.02;
 /// Episode starts are steered so the emitted fraud share tracks `fraud_rate`: a deficit of this
 /// many mean episodes doubles the start rate.
 const STEER_EPISODES: f64 = 20.0;
+
+/// Customers drawn ahead (see `Simulator::pick_customer`).
+const AHEAD: usize = 8;
 
 const MIN_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
@@ -443,16 +446,30 @@ const DAY_MS: i64 = 86_400_000;
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
 struct Trip {
-    city: u8,
     depart_ms: i64,
     arrive_ms: i64,
     leave_ms: i64,
     back_ms: i64,
+    city: u8,
 }
 
+/// A customer: three cache lines, laid out so that a genuine payment mostly reads the first two
+/// (see `Simulator::pick_customer`).
 #[derive(Debug, Clone)]
+#[repr(C, align(64))]
 struct Customer {
+    // Line 0: where the customer is and how they pay.
+    trip: Trip,
+    /// Cumulative channel preferences over [`Shape::ALL`] (configured shapes only).
+    channel_cdf: [f32; 4],
+    /// ln of the median everyday amount in cents, and its spread.
+    amount_mu: f32,
+    amount_sigma: f32,
+    // Line 1: their cards, accounts and favourite merchants.
+    first_card: u32,
+    first_account: u32,
     city: u8,
     band: u8,
     n_cards: u8,
@@ -464,16 +481,9 @@ struct Customer {
     n_contacts: u8,
     has_wallet: bool,
     wallet_provider: u8,
-    /// ln of the median everyday amount in cents, and its spread.
-    amount_mu: f32,
-    amount_sigma: f32,
-    /// Cumulative channel preferences over [`Shape::ALL`] (configured shapes only).
-    channel_cdf: [f32; 4],
-    first_card: u32,
-    first_account: u32,
     favourites: [u32; MAX_FAV],
+    // Line 2: the people they pay.
     contacts: [u32; MAX_CONTACTS],
-    trip: Trip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -737,6 +747,9 @@ pub struct Simulator {
     order: u64,
     labels: BinaryHeap<PendingLabel>,
     spare_normal: Option<f64>,
+    hour: HourCache,
+    upcoming: [u32; AHEAD],
+    upcoming_len: usize,
 }
 
 impl Simulator {
@@ -894,6 +907,9 @@ impl Simulator {
             order: 0,
             labels: BinaryHeap::new(),
             spare_normal: None,
+            hour: HourCache::new(),
+            upcoming: [0; AHEAD],
+            upcoming_len: 0,
         })
     }
 
@@ -953,6 +969,7 @@ impl Simulator {
         let u = self.unit();
         self.clock_ms += (-self.mean_gap_ms / self.rhythm[hour] * (1.0 - u).ln()).round() as i64;
         self.seq += 1;
+        self.hour.refresh(self.clock_ms);
         let start = out.len();
         let meta = if let Some(d) = self
             .due
@@ -1655,7 +1672,31 @@ impl Simulator {
 
     // --- genuine traffic --------------------------------------------------------------------
 
+    /// The customer of the next genuine payment. Customers are drawn [`AHEAD`] at a time and
+    /// their records touched together: a population larger than the caches (and evicted by the
+    /// output stream) then costs one memory latency per batch instead of one per message.
     fn pick_customer(&mut self) -> u32 {
+        if self.upcoming_len == 0 {
+            let mut touch = 0u64;
+            for k in 0..AHEAD {
+                let c = self.draw_customer();
+                self.upcoming[k] = c;
+                let cu = &self.customers[c as usize];
+                // One field of each of its three cache lines.
+                touch = touch
+                    .wrapping_add(cu.trip.back_ms as u64)
+                    .wrapping_add(cu.first_card as u64)
+                    .wrapping_add(cu.contacts[0] as u64);
+            }
+            std::hint::black_box(touch);
+            self.upcoming_len = AHEAD;
+        }
+        self.upcoming_len -= 1;
+        self.upcoming[self.upcoming_len]
+    }
+
+    /// A customer drawn in proportion to their payments per day (alias method).
+    fn draw_customer(&mut self) -> u32 {
         let r = self.rng.next_u64();
         let i = (((r >> 32) * self.alias_prob.len() as u64) >> 32) as usize;
         let coin = (r as u32) as f32 * (1.0 / 4_294_967_296.0);
@@ -2109,7 +2150,7 @@ impl Simulator {
         out.s("{\"auth_id\":\"");
         self.write_id(out, "auth-", "-");
         out.s("\",\"ts\":\"");
-        write_rfc3339_ms(out, self.clock_ms);
+        self.hour.rfc3339(out, self.clock_ms);
         out.s("\",\"pan_token\":\"");
         let k0 = out.len();
         out.s("tok_");
@@ -2293,14 +2334,9 @@ impl Simulator {
     fn write_pix(&mut self, out: &mut Vec<u8>, m: &PixMsg) -> Meta {
         let payer_n = self.account_number(m.payer);
         let ispb = BANKS[(hash(self.salt ^ 0xacc, payer_n) % BANKS.len() as u64) as usize];
-        let t = civil(self.clock_ms);
         out.s("{\"end_to_end_id\":\"E");
         out.s(ispb);
-        out.pad(t.year as u64, 4);
-        out.pad(t.month as u64, 2);
-        out.pad(t.day as u64, 2);
-        out.pad(t.hour as u64, 2);
-        out.pad(t.minute as u64, 2);
+        self.hour.compact(out, self.clock_ms);
         // 11 alphanumerics: the sequence number, offset by the seed, in base 36.
         let mut x = (self.seq + hash(self.salt, 0xe2e) % 1_000_000_000_000) % 36u64.pow(11);
         let mut b36 = [b'0'; 11];
@@ -2310,7 +2346,7 @@ impl Simulator {
         }
         out.b(&b36);
         out.s("\",\"created_at\":\"");
-        write_rfc3339_ms(out, self.clock_ms);
+        self.hour.rfc3339(out, self.clock_ms);
         out.s("\",\"amount\":\"");
         out.cents(m.cents);
         out.s("\",\"customer_ref\":\"cus_");
@@ -2348,7 +2384,7 @@ impl Simulator {
         out.s("{\"payment_id\":\"");
         self.write_id(out, "wpay_", "_");
         out.s("\",\"created\":\"");
-        write_rfc3339_ms(out, self.clock_ms);
+        self.hour.rfc3339(out, self.clock_ms);
         out.s("\",\"wallet_id\":\"");
         let k0 = out.len();
         out.s("wal_");
@@ -2591,7 +2627,7 @@ impl Builder<'_> {
                 })
                 .collect();
             let online_taste = self.range(0.5, 1.5);
-            let n_fav = 5 + self.below(8) as usize;
+            let n_fav = 5 + self.below(7) as usize;
             let mut favs: Vec<u32> = Vec::with_capacity(n_fav);
             for _ in 0..n_fav {
                 let mcc = self.weighted(taste.iter().copied());
@@ -2818,36 +2854,39 @@ trait Put {
 }
 
 impl Put for Vec<u8> {
-    #[inline]
+    #[inline(always)]
     fn s(&mut self, s: &str) {
         self.extend_from_slice(s.as_bytes());
     }
 
-    #[inline]
+    #[inline(always)]
     fn b(&mut self, b: &[u8]) {
         self.extend_from_slice(b);
     }
 
     #[inline]
-    fn pad(&mut self, mut n: u64, width: usize) {
-        let mut buf = [b'0'; 20];
-        let mut i = 20;
-        while n >= 100 {
-            let r = (n % 100) as usize * 2;
-            n /= 100;
-            i -= 2;
-            buf[i..i + 2].copy_from_slice(&DIGITS2[r..r + 2]);
+    fn pad(&mut self, n: u64, width: usize) {
+        // The usual case: an id that fits its width.
+        macro_rules! fits {
+            ($($w:literal)*) => {
+                match width {
+                    $($w if n < 10u64.pow($w) => return fixed::<$w>(self, n),)*
+                    _ => {}
+                }
+            };
         }
-        if n >= 10 {
-            let r = n as usize * 2;
-            i -= 2;
-            buf[i..i + 2].copy_from_slice(&DIGITS2[r..r + 2]);
-        } else {
-            i -= 1;
-            buf[i] = b'0' + n as u8;
+        fits!(2 3 4 6 7 8 10 14);
+        let digits = n.checked_ilog10().map_or(1, |d| d as usize + 1);
+        // Every width its own constant-size copy: no call to memmove per number.
+        macro_rules! by_width {
+            ($($w:literal)*) => {
+                match digits.max(width) {
+                    $($w => fixed::<$w>(self, n),)*
+                    _ => fixed::<20>(self, n),
+                }
+            };
         }
-        let start = i.min(20 - width.min(20));
-        self.extend_from_slice(&buf[start..]);
+        by_width!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19);
     }
 
     fn cents(&mut self, cents: i64) {
@@ -2888,6 +2927,24 @@ impl Put for Vec<u8> {
         self.push(b'.');
         self.u((ip & 0xff) as u64);
     }
+}
+
+/// `n` as exactly `W` decimal digits (zero-padded; higher digits dropped).
+#[inline(always)]
+fn fixed<const W: usize>(out: &mut Vec<u8>, mut n: u64) {
+    let mut b = [b'0'; W];
+    let mut i = W;
+    while i >= 2 {
+        let r = (n % 100) as usize * 2;
+        n /= 100;
+        b[i - 2] = DIGITS2[r];
+        b[i - 1] = DIGITS2[r + 1];
+        i -= 2;
+    }
+    if i == 1 {
+        b[0] = b'0' + (n % 10) as u8;
+    }
+    out.extend_from_slice(&b);
 }
 
 fn put_hex_trimmed(out: &mut Vec<u8>, x: u64) {
@@ -2938,20 +2995,77 @@ fn civil(ms: i64) -> Civil {
 /// years 0 ..= 9999).
 pub fn write_rfc3339_ms(out: &mut Vec<u8>, ms: i64) {
     let t = civil(ms);
-    out.pad(t.year.clamp(0, 9999) as u64, 4);
+    fixed::<4>(out, t.year.clamp(0, 9999) as u64);
     out.push(b'-');
-    out.pad(t.month as u64, 2);
+    fixed::<2>(out, t.month as u64);
     out.push(b'-');
-    out.pad(t.day as u64, 2);
+    fixed::<2>(out, t.day as u64);
     out.push(b'T');
-    out.pad(t.hour as u64, 2);
+    fixed::<2>(out, t.hour as u64);
     out.push(b':');
-    out.pad(t.minute as u64, 2);
+    fixed::<2>(out, t.minute as u64);
     out.push(b':');
-    out.pad(t.second as u64, 2);
+    fixed::<2>(out, t.second as u64);
     out.push(b'.');
-    out.pad(t.milli as u64, 3);
+    fixed::<3>(out, t.milli as u64);
     out.push(b'Z');
+}
+
+/// The calendar part of the current simulated hour, formatted once per hour.
+#[derive(Debug, Clone)]
+struct HourCache {
+    start_ms: i64,
+    /// `YYYY-MM-DDTHH:`
+    rfc3339: [u8; 14],
+    /// `yyyyMMddHH`
+    compact: [u8; 10],
+}
+
+impl HourCache {
+    fn new() -> Self {
+        Self {
+            start_ms: i64::MIN,
+            rfc3339: [0; 14],
+            compact: [0; 10],
+        }
+    }
+
+    fn refresh(&mut self, ms: i64) {
+        if ms >= self.start_ms && ms.saturating_sub(self.start_ms) < HOUR_MS {
+            return;
+        }
+        self.start_ms = ms.div_euclid(HOUR_MS) * HOUR_MS;
+        let t = civil(self.start_ms);
+        let mut v = Vec::with_capacity(24);
+        write_rfc3339_ms(&mut v, self.start_ms);
+        self.rfc3339.copy_from_slice(&v[..14]);
+        v.clear();
+        fixed::<4>(&mut v, t.year.clamp(0, 9999) as u64);
+        fixed::<2>(&mut v, t.month as u64);
+        fixed::<2>(&mut v, t.day as u64);
+        fixed::<2>(&mut v, t.hour as u64);
+        self.compact.copy_from_slice(&v);
+    }
+
+    /// `ms` (within the cached hour) as RFC 3339.
+    #[inline]
+    fn rfc3339(&self, out: &mut Vec<u8>, ms: i64) {
+        let within = (ms - self.start_ms) as u64;
+        out.extend_from_slice(&self.rfc3339);
+        fixed::<2>(out, within / 60_000);
+        out.push(b':');
+        fixed::<2>(out, within / 1000 % 60);
+        out.push(b'.');
+        fixed::<3>(out, within % 1000);
+        out.push(b'Z');
+    }
+
+    /// `ms` (within the cached hour) as `yyyyMMddHHmm`.
+    #[inline]
+    fn compact(&self, out: &mut Vec<u8>, ms: i64) {
+        out.extend_from_slice(&self.compact);
+        fixed::<2>(out, (ms - self.start_ms) as u64 / 60_000);
+    }
 }
 
 #[cfg(test)]
@@ -3042,6 +3156,29 @@ mod tests {
                     "{}: undeclared field {k}",
                     src.name
                 );
+            }
+            let time = match shape {
+                Shape::Card => v["ts"].as_str(),
+                Shape::Pix => v["created_at"].as_str(),
+                Shape::Wallet => v["created"].as_str(),
+                Shape::Transfer => None,
+            }
+            .map_or_else(
+                || v["requested_at"].as_i64().unwrap(),
+                |s| {
+                    chrono::DateTime::parse_from_rfc3339(s)
+                        .unwrap()
+                        .timestamp_millis()
+                },
+            );
+            assert_eq!(time, g.event_time_ms, "{v}");
+            if shape == Shape::Pix {
+                // E + ISPB + yyyyMMddHHmm of the payment + 11 characters.
+                let e2e = v["end_to_end_id"].as_str().unwrap();
+                let t = chrono::DateTime::from_timestamp_millis(g.event_time_ms).unwrap();
+                assert_eq!(e2e.len(), 32);
+                assert_eq!(&e2e[1..9], v["payer_ispb"].as_str().unwrap());
+                assert_eq!(&e2e[9..21], t.format("%Y%m%d%H%M").to_string());
             }
             let key = String::from_utf8(g.key).unwrap();
             let expect = match shape {
@@ -3236,6 +3373,16 @@ mod tests {
                 .to_string();
             assert_eq!(String::from_utf8(out).unwrap(), expect);
         }
+    }
+
+    #[test]
+    fn a_customer_is_three_cache_lines_with_the_hot_fields_in_the_first_two() {
+        assert_eq!(std::mem::size_of::<Customer>(), 192);
+        assert_eq!(std::mem::align_of::<Customer>(), 64);
+        assert!(std::mem::offset_of!(Customer, amount_sigma) < 64);
+        assert!((64..128).contains(&std::mem::offset_of!(Customer, first_card)));
+        assert!(std::mem::offset_of!(Customer, favourites) + 4 * MAX_FAV <= 128);
+        assert!(std::mem::offset_of!(Customer, contacts) >= 128);
     }
 
     #[test]
