@@ -344,8 +344,8 @@ async fn reload_engine(engine: &mut Engine, config: &Config, metrics: &Metrics) 
     }
 }
 
-/// Every SQL file the engine reads, with its modification time.
-fn sql_files(config: &Config) -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
+/// Every SQL file the engine reads, with its content (they are small).
+fn sql_files(config: &Config) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
     let mut files: Vec<std::path::PathBuf> = config
         .sources
         .iter()
@@ -361,29 +361,38 @@ fn sql_files(config: &Config) -> Vec<(std::path::PathBuf, Option<std::time::Syst
     files
         .into_iter()
         .map(|f| {
-            let m = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
-            (f, m)
+            let content = std::fs::read(&f).ok();
+            (f, content)
         })
         .collect()
 }
 
-/// Poll the SQL files twice a second and ask for a reload when one changes.
+/// Poll the SQL files twice a second and ask for a reload when their content changed and then
+/// stayed the same for one more poll (so a file caught half-written is not loaded).
 async fn watch_sql_files(
     config: Arc<Config>,
     reload: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
-    let mut last = sql_files(&config);
+    let mut loaded = sql_files(&config);
+    let mut pending: Option<Vec<(std::path::PathBuf, Option<Vec<u8>>)>> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = cancel.cancelled() => return,
         }
         let now = sql_files(&config);
-        if now != last {
+        if now == loaded {
+            pending = None;
+            continue;
+        }
+        if pending.as_ref() == Some(&now) {
             tracing::info!("SQL files changed; reloading");
-            last = now;
+            loaded = now;
+            pending = None;
             reload.notify_one();
+        } else {
+            pending = Some(now);
         }
     }
 }
