@@ -81,7 +81,9 @@ impl PartitionStream for BatchSlot {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let batches = std::mem::take(&mut *self.batches.lock().expect("slot lock"));
+        // Cloned, not taken: a query may scan its input more than once (every branch of a
+        // UNION ALL of rules, a self-join), and each scan must see the whole batch.
+        let batches = self.batches.lock().expect("slot lock").clone();
         Box::pin(RecordBatchStreamAdapter::new(
             self.schema.clone(),
             futures::stream::iter(batches.into_iter().map(Ok)),
@@ -194,7 +196,9 @@ impl CompiledQuery {
         self.slot.put(input);
         let plan = datafusion::physical_plan::execution_plan::reset_plan_states(self.plan.clone())
             .map_err(exec_err)?;
-        collect(plan, self.ctx.task_ctx()).await.map_err(exec_err)
+        let out = collect(plan, self.ctx.task_ctx()).await.map_err(exec_err);
+        self.slot.put(Vec::new());
+        out
     }
 }
 
@@ -360,6 +364,27 @@ mod tests {
         );
         let out3 = q.execute(vec![]).await.unwrap();
         assert_eq!(out3.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    }
+
+    #[tokio::test]
+    async fn every_scan_of_the_input_sees_the_whole_batch() {
+        let q = CompiledQuery::compile(
+            Path::new("u.sql"),
+            "SELECT id FROM input WHERE n = 1 UNION ALL SELECT id FROM input WHERE n = 2 \
+             UNION ALL SELECT id FROM input WHERE n = 3",
+            "input",
+            schema(),
+        )
+        .await
+        .unwrap();
+        for _ in 0..20 {
+            let out = q
+                .execute(vec![batch(&["a", "b", "c"], &[1, 2, 3])])
+                .await
+                .unwrap();
+            let n: usize = out.iter().map(|b| b.num_rows()).sum();
+            assert_eq!(n, 3, "each UNION branch saw the batch");
+        }
     }
 
     #[tokio::test]
