@@ -229,12 +229,7 @@ pub async fn generate(config: &Config, opts: &GenerateOptions) -> anyhow::Result
             match sources.iter().find(|s| &s.name == name) {
                 None => bail!(
                     "no source named {name:?}; configured: {}",
-                    config
-                        .sources
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    config.source_names()
                 ),
                 Some(s) if s.simulator.is_empty() => {
                     bail!("source {name:?} has no `simulator` shape, so it cannot be generated")

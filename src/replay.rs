@@ -103,12 +103,7 @@ pub fn parse_input(config: &Config, arg: &str) -> Result<ReplayInput, ReplayErro
     }
     Err(ReplayError::Usage(format!(
         "cannot tell the source of {arg}: name it SOURCE=PATH or <stem>.<source>.jsonl (sources: {})",
-        config
-            .sources
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        config.source_names()
     )))
 }
 

@@ -382,6 +382,15 @@ pub struct FieldConfig {
 }
 
 impl Config {
+    /// The configured source names, comma-separated (for messages).
+    pub fn source_names(&self) -> String {
+        self.sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Resolve a path from the file against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {

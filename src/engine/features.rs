@@ -278,8 +278,3 @@ pub fn concat_or_empty(
         }),
     }
 }
-
-/// Whether a column of the given batch is all valid (helper for tests).
-pub fn all_valid(a: &dyn Array) -> bool {
-    a.null_count() == 0
-}

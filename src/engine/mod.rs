@@ -484,11 +484,7 @@ fn split_future(
     limit_ms: i64,
     partitions: Option<&ArrayRef>,
 ) -> Result<((RecordBatch, Option<ArrayRef>), Vec<Future>), datafusion::arrow::error::ArrowError> {
-    let times = rows
-        .column(1)
-        .as_any()
-        .downcast_ref::<TimestampMillisecondArray>()
-        .expect("canonical event_time");
+    let times = event_times(rows);
     let future: Vec<usize> = (0..rows.num_rows())
         .filter(|&i| !times.is_null(i) && times.value(i) > limit_ms)
         .collect();
@@ -536,11 +532,7 @@ fn observe_watermark(
     partitions: Option<&ArrayRef>,
     now: Instant,
 ) {
-    let times = rows
-        .column(1)
-        .as_any()
-        .downcast_ref::<TimestampMillisecondArray>()
-        .expect("canonical event_time");
+    let times = event_times(rows);
     let parts = partitions.and_then(|p| p.as_any().downcast_ref::<Int32Array>());
     let mut newest: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
     for i in 0..rows.num_rows() {
@@ -556,12 +548,16 @@ fn observe_watermark(
     }
 }
 
-fn count_before(canonical: &RecordBatch, watermark: i64) -> usize {
-    let times = canonical
-        .column(1)
+/// The `event_time` column of a canonical batch.
+fn event_times(rows: &RecordBatch) -> &TimestampMillisecondArray {
+    rows.column(1)
         .as_any()
         .downcast_ref::<TimestampMillisecondArray>()
-        .expect("canonical event_time");
+        .expect("canonical event_time")
+}
+
+fn count_before(canonical: &RecordBatch, watermark: i64) -> usize {
+    let times = event_times(canonical);
     (0..times.len())
         .filter(|&i| !times.is_null(i) && times.value(i) < watermark)
         .count()
