@@ -132,6 +132,8 @@ pub struct Metrics {
     pub sink_ready: Gauge,
     /// Events older than the watermark when they arrived (scored all the same).
     pub late_events: Counter,
+    /// Label feedback messages accepted (chargebacks, fraud reports, verdicts).
+    pub labels_in: Counter,
     /// Entities with window state.
     pub tracked_entities: Gauge,
     /// Rows kept in window state.
@@ -166,7 +168,12 @@ impl Metrics {
     /// Render in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
+            (
+                "payguard_labels_total",
+                "Label feedback messages accepted.",
+                &self.labels_in,
+            ),
             (
                 "payguard_late_events_total",
                 "Events older than the watermark on arrival (still scored).",

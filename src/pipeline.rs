@@ -96,7 +96,10 @@ pub async fn run(
     }
     tokio::spawn(reload_on_sighup(reload.clone(), cancel.clone()));
     let stored = load_offsets_retrying(&sink, &config, &cancel).await?;
-    let topics: Vec<String> = config.sources.iter().map(|s| s.topic.clone()).collect();
+    if engine.reads_labels() {
+        warm_labels(&mut engine, &sink, &config).await;
+    }
+    let topics: Vec<String> = config.input_topics();
     let by_source: HashMap<(usize, i32), i64> = stored
         .iter()
         .filter_map(|((topic, p), o)| {
@@ -145,13 +148,17 @@ pub async fn run(
             }
         }
         InputKind::Simulator => {
-            let sim = Simulator::new(
+            let sim = Simulator::with_params(
                 &config.simulator,
                 &config.sources,
                 config.simulator.seed,
                 // The population's own pace: simulated time runs as fast as needed for the
                 // configured wall-clock rate, so velocity features see realistic gaps.
                 0.0,
+                crate::source::simulator::SimulatorParams {
+                    label_feedback: config.labels.enabled,
+                    ..Default::default()
+                },
             )?;
             tasks.spawn(simulate(
                 sim,
@@ -328,6 +335,34 @@ fn count_decisions(batch: &SinkBatch, metrics: &Metrics) {
     }
 }
 
+/// Rebuild the label features' state from the stored labels (a restart must not forget the
+/// labels it had seen). A failure is logged: the labels stay stored, only their effect on the
+/// features of the next transactions is lost until they are seen again.
+async fn warm_labels(engine: &mut Engine, sink: &Sink, config: &Config) {
+    if matches!(sink, Sink::Postgres(_)) {
+        engine.set_label_lookup(sink.clone());
+    }
+    let history = config.labels.history_ms() + config.engine.lateness_ms();
+    let result = match sink.recent_labels(history).await {
+        Ok(labels) if labels.num_rows() == 0 => Ok(0),
+        Ok(labels) => engine
+            .add_labels(&labels, None)
+            .await
+            .map(|()| labels.num_rows()),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the stored labels failed");
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(n) if n > 0 => {
+            tracing::info!(labels = n, "label feedback state rebuilt from the database")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "rebuilding the label state failed"),
+    }
+}
+
 async fn reload_engine(engine: &mut Engine, config: &Config, metrics: &Metrics) {
     match engine.reload(config).await {
         Ok(kept) => {
@@ -448,9 +483,12 @@ async fn simulate(
 ) {
     let rate = config.simulator.rate;
     let per_tick = if rate == 0 { 2000 } else { (rate / 50).max(1) };
-    let mut next_offset: Vec<i64> = (0..config.sources.len())
+    let inputs = config.input_topics().len();
+    let label_input = config.label_input();
+    let mut next_offset: Vec<i64> = (0..inputs)
         .map(|s| stored.get(&(s, 0)).copied().unwrap_or(0))
         .collect();
+    let mut label_buf = Vec::new();
     let mut produced = 0u64;
     let start = Instant::now();
     loop {
@@ -458,7 +496,7 @@ async fn simulate(
             return;
         }
         let n = max_messages.map_or(per_tick, |m| per_tick.min(m - produced));
-        let mut by_source: Vec<Vec<RawMessage>> = vec![Vec::new(); config.sources.len()];
+        let mut by_source: Vec<Vec<RawMessage>> = vec![Vec::new(); inputs];
         for _ in 0..n {
             let g = sim.next_message();
             let offset = next_offset[g.source];
@@ -470,6 +508,20 @@ async fn simulate(
                 value: Some(g.value),
                 timestamp_ms: g.event_time_ms,
             });
+            if let Some(li) = label_input {
+                label_buf.clear();
+                while let Some(l) = sim.next_label_into(&mut label_buf) {
+                    let offset = next_offset[li];
+                    next_offset[li] += 1;
+                    by_source[li].push(RawMessage {
+                        partition: 0,
+                        offset,
+                        key: Some(l.transaction_id.as_bytes().to_vec()),
+                        value: Some(std::mem::take(&mut label_buf)),
+                        timestamp_ms: l.reported_at_ms,
+                    });
+                }
+            }
         }
         produced += n;
         metrics.messages_in.add(n);
