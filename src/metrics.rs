@@ -657,20 +657,24 @@ mod tests {
         let text = m.render();
         assert!(text.contains("payguard_messages_in_total{source=\"card\",partition=\"2\"} 5\n"));
         assert_eq!(m.messages_in.get(), 5);
-        assert!(text.contains(
-            "payguard_consumer_lag{source=\"card\",topic=\"t\",partition=\"2\"} 7\n"
-        ));
+        assert!(
+            text.contains("payguard_consumer_lag{source=\"card\",topic=\"t\",partition=\"2\"} 7\n")
+        );
         assert!(text.contains("payguard_batch_latency_seconds_bucket{le=\"0.05\"} 1\n"));
         assert!(text.contains("payguard_batch_latency_seconds_bucket{le=\"0.025\"} 0\n"));
         assert!(text.contains("payguard_batch_latency_seconds_count 1\n"));
         assert!(text.contains("payguard_fetch_seconds_bucket{source=\"card\",le=\"0.0025\"} 1\n"));
         assert!(text.contains("payguard_fetch_seconds_bucket{source=\"card\",le=\"0.001\"} 0\n"));
         assert!(text.contains("payguard_fetch_seconds_count{source=\"card\"} 1\n"));
-        assert!(text.contains("payguard_decisions_total{source=\"card\",decision=\"decline\"} 2\n"));
+        assert!(
+            text.contains("payguard_decisions_total{source=\"card\",decision=\"decline\"} 2\n")
+        );
         assert_eq!(m.decisions[2].get(), 2);
-        assert!(text.contains(
-            "payguard_dead_letters_total{source=\"card\",reason=\"invalid_json\"} 1\n"
-        ));
+        assert!(
+            text.contains(
+                "payguard_dead_letters_total{source=\"card\",reason=\"invalid_json\"} 1\n"
+            )
+        );
         // Each family is declared once.
         let mut types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         let n = types.len();
@@ -688,7 +692,10 @@ mod tests {
         v.add(&["a\"b\\c\nd"], 1);
         let mut out = String::new();
         v.render(&mut out, "x_total", "x");
-        assert!(out.contains("x_total{source=\"a\\\"b\\\\c\\nd\"} 1\n"), "{out}");
+        assert!(
+            out.contains("x_total{source=\"a\\\"b\\\\c\\nd\"} 1\n"),
+            "{out}"
+        );
     }
 
     #[test]

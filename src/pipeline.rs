@@ -232,9 +232,7 @@ pub async fn run(
                 Ok(stats) => {
                     backoff.reset();
                     metrics.sink_time.observe(t.elapsed().as_secs_f64());
-                    metrics
-                        .commit_time
-                        .observe(arrived.elapsed().as_secs_f64());
+                    metrics.commit_time.observe(arrived.elapsed().as_secs_f64());
                     metrics.last_commit.set(
                         std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)

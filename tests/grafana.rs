@@ -523,10 +523,7 @@ fn panel_queries() -> Vec<Query> {
                     datasource: ds,
                     text,
                     format: t["format"].as_str().unwrap_or("time_series").to_string(),
-                    range: (
-                        (now - from).to_std().unwrap(),
-                        (now - to).to_std().unwrap(),
-                    ),
+                    range: ((now - from).to_std().unwrap(), (now - to).to_std().unwrap()),
                     max_data_points: p["maxDataPoints"].as_u64().unwrap_or(1000),
                     x_field: p["options"]["xField"].as_str().map(str::to_string),
                 });
@@ -643,7 +640,9 @@ fn provisioning_is_consistent_and_every_promql_metric_is_exported() {
 
     // The dashboard provider points at the folder the dashboards are in, once mounted.
     let provider = yaml(&provisioning().join("dashboards/dashboards.yml"));
-    let path = provider["providers"][0]["options"]["path"].as_str().unwrap();
+    let path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
     assert_eq!(path, "/etc/grafana/provisioning/dashboards");
 
     // Three dashboards, unique uids, every panel with a query on a provisioned datasource.
@@ -666,12 +665,18 @@ fn provisioning_is_consistent_and_every_promql_metric_is_exported() {
                 "{file}: {} has no query",
                 p["title"]
             );
-            for v in [&p["datasource"]]
-                .into_iter()
-                .chain(p["targets"].as_array().unwrap().iter().map(|t| &t["datasource"]))
-            {
+            for v in [&p["datasource"]].into_iter().chain(
+                p["targets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| &t["datasource"]),
+            ) {
                 let uid = uid_of(v).unwrap();
-                assert!(ds.contains_key(&uid), "{file}: unknown datasource uid {uid}");
+                assert!(
+                    ds.contains_key(&uid),
+                    "{file}: unknown datasource uid {uid}"
+                );
                 assert_eq!(
                     v["type"], ds[&uid]["type"],
                     "{file}: datasource type of {uid}"
@@ -744,7 +749,8 @@ fn provisioning_is_consistent_and_every_promql_metric_is_exported() {
     }
 
     // Every metric a PromQL query names is one the binary renders.
-    let exported = payguard::metrics::exported_names(&payguard::metrics::Metrics::default().render());
+    let exported =
+        payguard::metrics::exported_names(&payguard::metrics::Metrics::default().render());
     let mut used = BTreeSet::new();
     for q in queries.iter().filter(|q| q.datasource == PROM_UID) {
         let names = promql_metrics(&q.text);
@@ -819,11 +825,7 @@ async fn run_sql(
             let any = rows
                 .iter()
                 .any(|r| !r.try_get_raw(c.ordinal()).unwrap().is_null());
-            (
-                c.name().to_string(),
-                c.type_info().name().to_string(),
-                any,
-            )
+            (c.name().to_string(), c.type_info().name().to_string(), any)
         })
         .collect();
     Ok((rows.len(), cols))
@@ -872,7 +874,11 @@ fn check_shape(q: &Query, rows: usize, cols: &[(String, String, bool)]) {
                     .iter()
                     .find(|(n, _, _)| n == x)
                     .unwrap_or_else(|| panic!("{what}: no x field {x}"));
-                assert!(c.1 == "TEXT" || is_time(&c.1), "{what}: x field type {}", c.1);
+                assert!(
+                    c.1 == "TEXT" || is_time(&c.1),
+                    "{what}: x field type {}",
+                    c.1
+                );
             }
         }
         "table" => assert_eq!(q.format, "table", "{what}: format"),
@@ -880,7 +886,11 @@ fn check_shape(q: &Query, rows: usize, cols: &[(String, String, bool)]) {
             // Server-side expressions take a table of one row with one numeric column as a number.
             assert_eq!(q.format, "table", "{what}: format");
             assert_eq!(rows, 1, "{what}: one row");
-            assert_eq!(numeric_values.len(), 1, "{what}: one numeric column: {cols:?}");
+            assert_eq!(
+                numeric_values.len(),
+                1,
+                "{what}: one numeric column: {cols:?}"
+            );
             assert!(numeric_values[0].2, "{what}: value is NULL");
         }
         other => panic!("{what}: panel type {other} not checked by this test"),
@@ -1042,7 +1052,10 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -1159,7 +1172,10 @@ async fn prometheus_scrapes_the_binary_and_the_operations_queries_return_data() 
     let _server = Killer(
         Command::new(prometheus_binary())
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={prom}"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
@@ -1175,14 +1191,7 @@ async fn prometheus_scrapes_the_binary_and_the_operations_queries_return_data() 
 
     // Traffic while Prometheus watches: a steady stream, and a few bad messages.
     let producer = env.spawn(&[
-        "generate",
-        "--count",
-        "20000",
-        "--rate",
-        "800",
-        "--seed",
-        "12",
-        "-q",
+        "generate", "--count", "20000", "--rate", "800", "--seed", "12", "-q",
     ]);
     env.kcat_produce(1, &BAD_MESSAGES);
 
@@ -1245,7 +1254,10 @@ async fn prometheus_scrapes_the_binary_and_the_operations_queries_return_data() 
             assert!(exported.contains(&n), "{}: {n} not in /metrics", q.what);
         }
     }
-    assert!(text.contains("payguard_consumer_lag{source=\"card\""), "{text}");
+    assert!(
+        text.contains("payguard_consumer_lag{source=\"card\""),
+        "{text}"
+    );
     assert!(text.contains("payguard_fetch_seconds_count{source=\"card\"}"));
     assert!(text.contains("payguard_dead_letters_total{source=\"card\",reason=\"invalid_json\"}"));
 
