@@ -86,6 +86,12 @@ pub async fn run(
     if let Sink::Postgres(pg) = &sink {
         pg.prepare_aggregates(&engine.aggregates()).await?;
     }
+    metrics.set_sources(
+        config
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.topic.clone())),
+    );
     let reload = Arc::new(tokio::sync::Notify::new());
     if config.engine.hot_reload {
         tokio::spawn(watch_sql_files(
@@ -226,23 +232,31 @@ pub async fn run(
     let mut cancelled_at: Option<Instant> = None;
     let mut result = Ok(());
     'batches: while let Some(mut batch) = done_rx.recv().await {
+        let arrived = Instant::now();
         loop {
             let t = Instant::now();
             match sink.commit_dedup(&mut batch).await {
                 Ok(stats) => {
                     backoff.reset();
                     metrics.sink_time.observe(t.elapsed().as_secs_f64());
+                    metrics.commit_time.observe(arrived.elapsed().as_secs_f64());
+                    metrics.last_commit.set(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0.0, |d| d.as_secs_f64()),
+                    );
                     if let Some(opened) = batch.opened_at {
                         metrics
                             .batch_latency
                             .observe(opened.elapsed().as_secs_f64());
                     }
                     metrics.batches.inc();
+                    metrics.batch_messages.add(batch.messages as u64);
                     metrics.transactions_out.add(stats.inserted);
                     metrics.duplicates.add(stats.duplicates);
-                    metrics.dead_letters.add(batch.dead_letters.len() as u64);
                     count_decisions(&batch, &metrics);
                     for d in &batch.dead_letters {
+                        metrics.dead_letter(&d.source, &d.reason);
                         tracing::warn!(source = %d.source, topic = %d.topic, partition = d.partition,
                             offset = d.offset, reason = %d.reason, "dead letter");
                     }
@@ -316,21 +330,28 @@ async fn wait_for_topics(
 }
 
 fn count_decisions(batch: &SinkBatch, metrics: &Metrics) {
-    use datafusion::arrow::array::{Array, StringArray};
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::DataType;
     for b in &batch.transactions {
-        let Some(d) = b
-            .column_by_name(crate::engine::DECISION)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        else {
+        let text = |name: &str| {
+            let c = b.column_by_name(name)?;
+            let c = match c.data_type() {
+                DataType::Utf8 => c.clone(),
+                _ => datafusion::arrow::compute::cast(c, &DataType::Utf8).ok()?,
+            };
+            Some(c)
+        };
+        let (Some(d), Some(s)) = (text(crate::engine::DECISION), text("source")) else {
             continue;
         };
+        let (d, s) = (d.as_string::<i32>(), s.as_string::<i32>());
+        let mut counts: HashMap<(&str, &str), u64> = HashMap::new();
         for i in 0..d.len() {
-            let k = match d.value(i) {
-                "approve" => 0,
-                "review" => 1,
-                _ => 2,
-            };
-            metrics.decisions[k].inc();
+            let source = if s.is_null(i) { "" } else { s.value(i) };
+            *counts.entry((source, d.value(i))).or_default() += 1;
+        }
+        for ((source, decision), n) in counts {
+            metrics.decided(source, decision, n);
         }
     }
 }
@@ -524,11 +545,11 @@ async fn simulate(
             }
         }
         produced += n;
-        metrics.messages_in.add(n);
         for (source, messages) in by_source.into_iter().enumerate() {
             if messages.is_empty() {
                 continue;
             }
+            metrics.messages_received(source, 0, messages.len() as u64);
             let chunk = Chunk {
                 source,
                 partition: 0,

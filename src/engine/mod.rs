@@ -383,6 +383,7 @@ impl Engine {
         let mut dead_letters: Vec<DeadLetter> = Vec::new();
         let mut messages = 0;
         let mut label_batches = Vec::new();
+        let decode_started = Instant::now();
         for (source_idx, msgs) in batch.messages.into_iter().enumerate() {
             if msgs.is_empty() {
                 continue;
@@ -400,6 +401,9 @@ impl Engine {
             canonical.extend(rows);
             dead_letters.extend(dead);
         }
+        metrics
+            .decode_time
+            .observe(decode_started.elapsed().as_secs_f64());
         let watermark = self.watermark.advance(now);
         let schema = canonical::schema();
         let canonical =
