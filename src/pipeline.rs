@@ -333,7 +333,7 @@ async fn reload_engine(engine: &mut Engine, config: &Config, metrics: &Metrics) 
         Ok(kept) => {
             metrics.reloads_ok.inc();
             *metrics.reload_error.lock().expect("reload lock") = None;
-            tracing::info!(window_state_kept = kept, model = engine.model_version().unwrap_or("none"), "SQL files and model reloaded");
+            tracing::info!(window_state_kept = kept, model = %engine.model_version().unwrap_or("none"), "SQL files and model reloaded");
         }
         Err(e) => {
             metrics.reloads_failed.inc();

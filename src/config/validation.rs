@@ -310,14 +310,8 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         );
     }
 
+    // The model file itself is checked by the engine (`payguard check` loads it).
     if let Some(m) = &config.model {
-        let f = config.resolve(&m.path);
-        if !f.is_file() {
-            err(
-                "model.path".into(),
-                format!("model file {} does not exist (train one: make model)", f.display()),
-            );
-        }
         if m.explain_top > 100 {
             err(
                 "model.explain_top".into(),

@@ -231,6 +231,12 @@ impl Model {
     pub fn load(config: &Config, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let path = config.resolve(&cfg.path);
         let env = environment(&config.resolve(&cfg.ort_library))?;
+        if !path.is_file() {
+            return Err(ModelError::Contract {
+                path,
+                message: "model file does not exist (train one with `make model`, or remove the [model] section to run on rules alone)".into(),
+            });
+        }
         let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
             path: path.clone(),
             source,
