@@ -233,10 +233,11 @@ def write_card(path: str, ctx: dict) -> None:
     L.append("")
     L.append("## Model")
     L.append("")
-    L.append(f"- LightGBM {lgb.__version__}, binary objective, {ctx['trees']} trees (early-stopped on the "
-             f"calibration days), {ctx['params']['num_leaves']} leaves max, seed {ctx['seed']}.")
+    L.append(f"- LightGBM {lgb.__version__}, binary objective, {ctx['trees']} trees (early stopping on the "
+             f"calibration days, at most {ctx['max_trees']}), {ctx['params']['num_leaves']} leaves and depth "
+             f"{ctx['params']['max_depth']} at most, learning rate {ctx['params']['learning_rate']}, seed {ctx['seed']}.")
     L.append(f"- Calibration: Platt scaling of the trees' log-odds on the calibration days, "
-             f"score = sigmoid({ctx['platt'][0]:.4f} * logit(p) + {ctx['platt'][1]:.4f}), in the ONNX graph.")
+             f"score = sigmoid({ctx['platt'][0]:.4f} * logit(p) {'+' if ctx['platt'][1] >= 0 else '-'} {abs(ctx['platt'][1]):.4f}), in the ONNX graph.")
     L.append("- ONNX: input `features` float32 [N, F] in the order below, NULL as NaN (LightGBM's "
              "missing value); output `score` float32 [N], the calibrated fraud probability.")
     L.append(f"- Scoring speed at training time (Python onnxruntime {ort.__version__}, one thread, batch "
@@ -511,7 +512,7 @@ def main() -> None:
         "version": version, "reproduce": args.reproduce, "input_name": os.path.basename(args.input),
         "rows_total": rows_total, "label_column": label_column, "mature_until": str(mature_until),
         "last_report": str(last_report), "maturity_days": args.label_maturity_days, "splits": splits,
-        "trees": best, "params": params, "speed": speed, "seed": args.seed, "platt": (a, b),
+        "trees": best, "max_trees": args.trees, "params": params, "speed": speed, "seed": args.seed, "platt": (a, b),
         "thresholds": {"review": review, "decline": decline}, "features": features, "types": types,
         "baseline": baseline, "gain": gain, "model_metrics": model_metrics, "lr_metrics": lr_metrics,
         "rules_metrics": rules_metrics, "combined": combined, "metrics_json": metrics_json,
