@@ -325,13 +325,15 @@ pub async fn model(
         });
     }
     let alerts: Vec<usize> = (0..features.num_rows().min(100)).collect();
-    let scores = model
-        .score(&features.slice(0, alerts.len()))
-        .map_err(err)?;
+    let scores = model.score(&features.slice(0, alerts.len())).map_err(err)?;
     let mut explain = Vec::new();
     for _ in 0..runs.max(1) {
         let t = Instant::now();
-        std::hint::black_box(model.explain(&features, &alerts, &scores, cfg.explain_top.max(1)).map_err(err)?);
+        std::hint::black_box(
+            model
+                .explain(&features, &alerts, &scores, cfg.explain_top.max(1))
+                .map_err(err)?,
+        );
         explain.push(t.elapsed().as_secs_f64() * 1e6 / alerts.len() as f64);
     }
     Ok(ModelBench {

@@ -30,7 +30,10 @@ fn read_parquet(path: &Path) -> RecordBatch {
 #[test]
 fn rust_scores_equal_python_onnxruntime_scores_on_the_parity_rows() {
     let config = shipped_config();
-    let cfg = config.model.clone().expect("the shipped config has a [model]");
+    let cfg = config
+        .model
+        .clone()
+        .expect("the shipped config has a [model]");
     let mut model = Model::load(&config, &cfg).unwrap();
     // rows.parquet: transaction_id, the features (a few NULLs in every column), expected_score
     // (models/train.py, Python onnxruntime on the same ONNX file).
@@ -179,7 +182,11 @@ fn a_model_that_does_not_match_features_sql_is_refused_naming_the_columns() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        text.replacen("label_column = \"label\"", "label_column = \"chargeback\"", 1),
+        text.replacen(
+            "label_column = \"label\"",
+            "label_column = \"chargeback\"",
+            1,
+        ),
     )
     .unwrap();
     let (code, err) = payguard(&["check"], &config);
@@ -198,7 +205,11 @@ async fn replayed_transactions_carry_score_version_and_alert_explanations() {
         .current_dir(common::repo())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let replay = |parquet: &Path, extra: &[&str]| {
         let out = Command::new(common::bin())
             .args(["replay", "--config", "config.toml", "--input"])
@@ -209,7 +220,11 @@ async fn replayed_transactions_carry_score_version_and_alert_explanations() {
             .current_dir(common::repo())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let with = dir.path().join("with.parquet");
     let without = dir.path().join("without.parquet");
@@ -260,7 +275,10 @@ async fn replayed_transactions_carry_score_version_and_alert_explanations() {
     assert!(v[3] > 0, "some alerts");
     assert_eq!(v[4], v[3], "every alert has its explanation");
     assert_eq!(v[5], 0, "approved rows have none");
-    assert_eq!(v[6], 0, "a score over the review threshold is never approved");
+    assert_eq!(
+        v[6], 0,
+        "a score over the review threshold is never approved"
+    );
     let v = one(
         "SELECT count(*), count(score), count(model_version), count(explanation) FROM o".into(),
     )
@@ -380,9 +398,11 @@ async fn a_swapped_model_file_is_taken_between_batches_and_a_corrupt_one_refused
     })
     .await;
     env.generate(1_000, &["--seed", "5"]);
-    env.wait_for("rows under the old model", Duration::from_secs(60), || async {
-        env.transactions().await >= 3_000
-    })
+    env.wait_for(
+        "rows under the old model",
+        Duration::from_secs(60),
+        || async { env.transactions().await >= 3_000 },
+    )
     .await;
     assert_eq!(count_version(old.clone()).await, 3_000);
 
@@ -397,9 +417,11 @@ async fn a_swapped_model_file_is_taken_between_batches_and_a_corrupt_one_refused
     })
     .await;
     env.generate(1_000, &["--seed", "6"]);
-    env.wait_for("rows under the new model", Duration::from_secs(60), || async {
-        env.transactions().await >= 4_000
-    })
+    env.wait_for(
+        "rows under the new model",
+        Duration::from_secs(60),
+        || async { env.transactions().await >= 4_000 },
+    )
     .await;
     assert_eq!(count_version(new.clone()).await, 1_000);
     assert_eq!(count_version(old.clone()).await, 3_000);

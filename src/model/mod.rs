@@ -320,7 +320,8 @@ impl Model {
         let described = |o: &ort::value::Outlet| format!("{} {:?}", o.name(), o.dtype());
         match inputs {
             [i] if i.name() == "features" => {
-                let ok_type = i.dtype().tensor_type() == Some(ort::value::TensorElementType::Float32);
+                let ok_type =
+                    i.dtype().tensor_type() == Some(ort::value::TensorElementType::Float32);
                 let shape = i.dtype().tensor_shape();
                 let width = shape.and_then(|s| (s.len() == 2).then(|| s[1]));
                 if !ok_type || width.is_none() {
@@ -387,7 +388,11 @@ impl Model {
     /// there, with the declared type, in the declared order; every problem is listed. Returns the
     /// feature columns the model does not use (allowed: a new feature needs a retrained model to
     /// be used).
-    pub fn bind(&mut self, schema: &Schema, features_file: &Path) -> Result<Vec<String>, ModelError> {
+    pub fn bind(
+        &mut self,
+        schema: &Schema,
+        features_file: &Path,
+    ) -> Result<Vec<String>, ModelError> {
         let mut problems = Vec::new();
         let mut columns = Vec::new();
         for (name, want) in self.meta.features.iter().zip(&self.meta.feature_types) {
@@ -408,12 +413,17 @@ impl Model {
             }
         }
         if problems.is_empty() && columns.windows(2).any(|w| w[0] > w[1]) {
-            let mut theirs: Vec<(usize, &String)> = columns.iter().copied().zip(&self.meta.features).collect();
+            let mut theirs: Vec<(usize, &String)> =
+                columns.iter().copied().zip(&self.meta.features).collect();
             theirs.sort();
             problems.push(format!(
                 "feature order differs: the model takes {}; features.sql yields {}",
                 self.meta.features.join(", "),
-                theirs.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ")
+                theirs
+                    .iter()
+                    .map(|(_, n)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         if !problems.is_empty() {
@@ -510,12 +520,13 @@ impl Model {
         let idx = datafusion::arrow::array::UInt32Array::from(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
         );
-        let picked = datafusion::arrow::compute::take_record_batch(features, &idx).map_err(|e| {
-            ModelError::Tensor {
-                path: self.path.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        let picked =
+            datafusion::arrow::compute::take_record_batch(features, &idx).map_err(|e| {
+                ModelError::Tensor {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
         let mut own = Vec::new();
         tensor::build(&picked, &self.columns, &mut own).map_err(|message| ModelError::Tensor {
             path: self.path.clone(),
@@ -564,10 +575,7 @@ fn tidy(v: f32) -> f64 {
 }
 
 /// Load and bind the configured model against the feature schema (the start and `check` path).
-pub fn load_bound(
-    config: &Config,
-    feature_schema: &Schema,
-) -> Result<Option<Model>, ModelError> {
+pub fn load_bound(config: &Config, feature_schema: &Schema) -> Result<Option<Model>, ModelError> {
     let Some(cfg) = &config.model else {
         return Ok(None);
     };
@@ -581,10 +589,13 @@ pub fn load_bound(
     if let Some((r, d)) = model.meta.thresholds
         && (r != config.engine.review_threshold || d != config.engine.decline_threshold)
     {
-        tracing::warn!(model_review = r, model_decline = d,
+        tracing::warn!(
+            model_review = r,
+            model_decline = d,
             engine_review = config.engine.review_threshold,
             engine_decline = config.engine.decline_threshold,
-            "the model was evaluated at other thresholds than engine.review_threshold / decline_threshold, which decide");
+            "the model was evaluated at other thresholds than engine.review_threshold / decline_threshold, which decide"
+        );
     }
     Ok(Some(model))
 }
