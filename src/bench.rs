@@ -311,7 +311,7 @@ pub async fn model(
                 let at = (c * b) % (features.num_rows() - b + 1);
                 std::hint::black_box(
                     model
-                        .score_tensor(&tensor[at * width..(at + b) * width])
+                        .score_raw(&tensor[at * width..(at + b) * width])
                         .map_err(err)?,
                 );
             }

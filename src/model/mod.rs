@@ -152,6 +152,12 @@ pub struct Contribution {
     pub contribution: f64,
 }
 
+/// Every ONNX Runtime call scores a multiple of this many rows (zero rows appended). ONNX Runtime's
+/// vectorised kernels compute the last `N mod 4` rows of a call on a scalar path whose results
+/// differ in the last bit; padding makes a transaction's score independent of where the stream
+/// was cut into micro-batches (16: room for 16-wide vectors).
+pub const PAD_ROWS: usize = 16;
+
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
 /// Library files to try, in order: `model.ort_library`, `ORT_DYLIB_PATH`, the `.ci/onnxruntime.sh`
@@ -444,8 +450,9 @@ impl Model {
         Ok(unused)
     }
 
-    /// One ONNX Runtime call on a row-major `[rows, F]` tensor.
-    fn run(&mut self, data: &[f32]) -> Result<Vec<f32>, ModelError> {
+    /// One ONNX Runtime call on a row-major `[rows, F]` tensor whose row count is a multiple of
+    /// [`PAD_ROWS`] (see there); returns the scores of the first `keep` rows.
+    fn run(&mut self, data: &[f32], keep: usize) -> Result<Vec<f32>, ModelError> {
         let width = self.meta.features.len().max(1);
         let rows = data.len() / width;
         let run_err = |path: &Path, source| ModelError::Run {
@@ -467,7 +474,14 @@ impl Model {
                 message: format!("output `score` has {} values for {rows} rows", scores.len()),
             });
         }
-        Ok(scores.to_vec())
+        Ok(scores[..keep.min(rows)].to_vec())
+    }
+
+    /// Zero rows appended to `buf` (holding `rows` rows) up to a multiple of [`PAD_ROWS`].
+    fn pad(&self, buf: &mut Vec<f32>, rows: usize) {
+        let width = self.meta.features.len().max(1);
+        let padded = rows.div_ceil(PAD_ROWS) * PAD_ROWS;
+        buf.resize(padded * width, 0.0);
     }
 
     /// Score every row of a feature batch (the batch `features.sql` yields; [`Model::bind`] first).
@@ -482,15 +496,31 @@ impl Model {
                 path: self.path.clone(),
                 message,
             })
-            .and_then(|()| self.run(&buf));
+            .and_then(|()| {
+                self.pad(&mut buf, n);
+                self.run(&buf, n)
+            });
         self.buf = buf;
         scored
     }
 
-    /// Score a pre-built row-major `[rows, F]` tensor (the benchmark's baseline: no Arrow
-    /// conversion).
+    /// Score a pre-built row-major `[rows, F]` tensor (padded like [`Model::score`]).
     pub fn score_tensor(&mut self, tensor: &[f32]) -> Result<Vec<f32>, ModelError> {
-        self.run(tensor)
+        let rows = tensor.len() / self.meta.features.len().max(1);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.extend_from_slice(tensor);
+        self.pad(&mut buf, rows);
+        let scored = self.run(&buf, rows);
+        self.buf = buf;
+        scored
+    }
+
+    /// The raw session call on a pre-built tensor, as it is (the benchmark's baseline: no Arrow
+    /// conversion, no padding, no copy).
+    pub fn score_raw(&mut self, tensor: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let rows = tensor.len() / self.meta.features.len().max(1);
+        self.run(tensor, rows)
     }
 
     /// The `[rows, F]` tensor of a feature batch, as [`Model::score`] builds it.
