@@ -429,3 +429,34 @@ async fn a_swapped_model_file_is_taken_between_batches_and_a_corrupt_one_refused
     let (status, log) = env.wait(run, Duration::from_secs(30));
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn bind_refuses_features_in_another_order_and_allows_extra_ones() {
+    let config = shipped_config();
+    let mut model = Model::load(&config, config.model.as_ref().unwrap()).unwrap();
+    let rows = read_parquet(&common::repo().join("models/parity/rows.parquet"));
+    let schema = rows.schema();
+    let names: Vec<String> = model.meta().features.clone();
+    let idx = |n: &str| schema.index_of(n).unwrap();
+    // The model's order with the first two swapped.
+    let mut swapped: Vec<usize> = names.iter().map(|n| idx(n)).collect();
+    swapped.swap(0, 1);
+    let err = model
+        .bind(
+            &schema.project(&swapped).unwrap(),
+            Path::new("features.sql"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("feature order differs"), "{err}");
+    assert!(err.contains(&names[0]) && err.contains(&names[1]), "{err}");
+    // An extra column features.sql yields that the model does not use: allowed, and reported.
+    let with_extra = schema
+        .project(&(0..schema.fields().len()).collect::<Vec<_>>())
+        .unwrap();
+    let unused = model.bind(&with_extra, Path::new("features.sql")).unwrap();
+    assert_eq!(
+        unused,
+        vec!["transaction_id".to_string(), "expected_score".to_string()]
+    );
+}
