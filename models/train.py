@@ -10,8 +10,8 @@ that is not
   * a canonical transaction column (README, "SQL contracts": transaction_id ... longitude),
   * a column the engine adds after the features (score, model_version, decision, rule_hits,
     explanation),
-  * the label column or one of the label columns replay adds (label*, e.g. label_scenario,
-    label_reported_at),
+  * the label column (--label-column) or one of the other columns replay adds with --labels
+    (label_scenario, label_reported_at),
 and has a numeric or boolean type; a non-numeric feature column is skipped with a warning (the
 model can only take numbers). Their order is the Parquet's, i.e. the SELECT order of features.sql.
 
@@ -70,6 +70,8 @@ CANONICAL = [
 ]
 # Columns the engine adds after the features.
 ENGINE_ADDED = ["score", "model_version", "decision", "rule_hits", "explanation"]
+# Columns `payguard replay --labels` adds besides the label itself.
+LABEL_ADDED = ["label", "label_scenario", "label_reported_at"]
 # Arrow types the model takes, and their names in payguard.feature_types.
 TYPE_NAMES = {
     pa.float64(): "float64", pa.float32(): "float32", pa.int64(): "int64", pa.int32(): "int32",
@@ -86,7 +88,7 @@ def feature_columns(schema: pa.Schema, label_column: str) -> tuple[list[str], li
     names, types = [], []
     for field in schema:
         n = field.name
-        if n in CANONICAL or n in ENGINE_ADDED or n == label_column or n.startswith("label"):
+        if n in CANONICAL or n in ENGINE_ADDED or n == label_column or n in LABEL_ADDED:
             continue
         t = TYPE_NAMES.get(field.type)
         if t is None:
