@@ -318,7 +318,8 @@ async fn dispatch(command: Command) -> ExitCode {
             config.api.enabled = true;
             // The demo needs nothing but Rust: without the ONNX Runtime library it runs on rules.
             if let Some(m) = &config.model
-                && let Err(e) = payguard::model::environment(&config.resolve(&m.ort_library))
+                && let Err(e) =
+                    payguard::model::environment(&payguard::model::library_path(&config, m))
             {
                 eprintln!("payguard demo: {e}; running without the model (score NULL)");
                 config.model = None;

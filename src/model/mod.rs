@@ -182,6 +182,15 @@ pub fn library_candidates(configured: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `model.ort_library` resolved against the config's directory (empty stays empty: not set).
+pub fn library_path(config: &Config, cfg: &ModelConfig) -> PathBuf {
+    if cfg.ort_library.as_os_str().is_empty() {
+        PathBuf::new()
+    } else {
+        config.resolve(&cfg.ort_library)
+    }
+}
+
 /// The process's ONNX Runtime environment, loading the library on first use (once per process:
 /// the first configured library wins).
 pub fn environment(configured: &Path) -> Result<Environment, ModelError> {
@@ -236,7 +245,7 @@ impl Model {
     /// Load the model of `cfg` (path resolved against the config) and create its session.
     pub fn load(config: &Config, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let path = config.resolve(&cfg.path);
-        let env = environment(&config.resolve(&cfg.ort_library))?;
+        let env = environment(&library_path(config, cfg))?;
         if !path.is_file() {
             return Err(ModelError::Contract {
                 path,
@@ -628,4 +637,50 @@ pub fn load_bound(config: &Config, feature_schema: &Schema) -> Result<Option<Mod
         );
     }
     Ok(Some(model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(lib: &str) -> ModelConfig {
+        ModelConfig {
+            path: "models/m.onnx".into(),
+            label_column: "label".into(),
+            explain_top: 5,
+            ort_library: lib.into(),
+            threads: 1,
+            hot_reload: true,
+        }
+    }
+
+    #[test]
+    fn the_library_is_looked_for_where_the_config_then_ci_install_then_system_put_it() {
+        let config = Config {
+            base_dir: PathBuf::from("/srv/payguard"),
+            ..Default::default()
+        };
+        // Not set stays not set (not the config's directory).
+        assert_eq!(library_path(&config, &cfg("")), PathBuf::new());
+        assert_eq!(
+            library_path(&config, &cfg("lib/libonnxruntime.so")),
+            PathBuf::from("/srv/payguard/lib/libonnxruntime.so")
+        );
+        let c = library_candidates(Path::new("/opt/ort/libonnxruntime.so"));
+        assert_eq!(c[0], PathBuf::from("/opt/ort/libonnxruntime.so"));
+        assert!(
+            c.iter()
+                .any(|p| p.ends_with("onnxruntime/lib/libonnxruntime.so")
+                    && p != Path::new("/opt/ort/libonnxruntime.so")),
+            "{c:?}"
+        );
+        assert_eq!(c.last().unwrap(), Path::new("libonnxruntime.so"));
+        assert!(!library_candidates(Path::new("")).contains(&PathBuf::new()));
+    }
+
+    #[test]
+    fn tidy_drops_float_noise() {
+        assert_eq!(tidy(1215.2504_f32), 1215.2504);
+        assert_eq!(tidy(0.1_f32), 0.1);
+    }
 }
