@@ -218,3 +218,158 @@ pub fn report(b: &EngineBench, config_path: &Path) -> String {
         config_path.display()
     )
 }
+
+/// One batch size of the model benchmark.
+#[derive(Debug, Clone)]
+pub struct ModelBenchRow {
+    /// Rows per scoring call.
+    pub batch: usize,
+    /// Rows scored per run.
+    pub rows: usize,
+    /// Arrow feature columns -> tensor -> ONNX Runtime -> scores, rows per second (median).
+    pub arrow_rows_per_sec: f64,
+    /// The raw ONNX Runtime call on a pre-built tensor, rows per second (median).
+    pub raw_rows_per_sec: f64,
+}
+
+/// Results of `bench model`.
+#[derive(Debug, Clone)]
+pub struct ModelBench {
+    /// Model version.
+    pub version: String,
+    /// Features per row.
+    pub features: usize,
+    /// ONNX Runtime threads per call (`model.threads`).
+    pub threads: usize,
+    /// Per batch size.
+    pub rows: Vec<ModelBenchRow>,
+    /// Explanation (occlusion) of one alert, microseconds (median over runs, 100 alerts per run).
+    pub explain_us_per_alert: f64,
+}
+
+/// `bench model`: rows scored per second at each batch size, straight from the feature batches
+/// the engine computes over simulated card transactions, against the raw session call on the same
+/// rows pre-built as a tensor (measured in the same run, same session).
+pub async fn model(
+    config: &Config,
+    rows: usize,
+    runs: usize,
+    batches: &[usize],
+) -> Result<ModelBench, BenchError> {
+    let Some(cfg) = config.model.clone() else {
+        return Err(BenchError::Baseline(
+            "no [model] section in the config: nothing to measure".into(),
+        ));
+    };
+    let n = rows.clamp(1, 200_000);
+    let data = canonical_rows(config, n).await?;
+    let mut engine = Engine::new(config).await?;
+    let mut parts = Vec::new();
+    let mut at = 0;
+    while at < data.num_rows() {
+        let k = 20_000.min(data.num_rows() - at);
+        let decided = engine.decide(&data.slice(at, k)).await?;
+        let first = crate::engine::canonical::COLUMNS.len();
+        let score = decided
+            .schema()
+            .index_of(crate::engine::SCORE)
+            .map_err(|e| BenchError::Baseline(e.to_string()))?;
+        parts.push(
+            decided
+                .project(&(first..score).collect::<Vec<_>>())
+                .map_err(|e| BenchError::Baseline(e.to_string()))?,
+        );
+        at += k;
+    }
+    let features = concat_batches(&parts[0].schema(), &parts)
+        .map_err(|e| BenchError::Baseline(e.to_string()))?;
+    let model = engine.model_mut().expect("[model] is configured");
+    let err = |e: crate::model::ModelError| BenchError::Engine(e.into());
+    let tensor = model.tensor(&features).map_err(err)?;
+    let width = model.meta().features.len();
+    let mut out = Vec::new();
+    for &b in batches {
+        // Small batches are slow per row: fewer rows keep the run short.
+        let total = if b < 100 {
+            features.num_rows().min(20_000)
+        } else {
+            features.num_rows()
+        };
+        let calls = (total / b).max(1);
+        let b = b.min(features.num_rows());
+        let mut arrow = Vec::new();
+        let mut raw = Vec::new();
+        for _ in 0..runs.max(1) {
+            let t = Instant::now();
+            for c in 0..calls {
+                let at = (c * b) % (features.num_rows() - b + 1);
+                std::hint::black_box(model.score(&features.slice(at, b)).map_err(err)?);
+            }
+            arrow.push((calls * b) as f64 / t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            for c in 0..calls {
+                let at = (c * b) % (features.num_rows() - b + 1);
+                std::hint::black_box(
+                    model
+                        .score_raw(&tensor[at * width..(at + b) * width])
+                        .map_err(err)?,
+                );
+            }
+            raw.push((calls * b) as f64 / t.elapsed().as_secs_f64());
+        }
+        out.push(ModelBenchRow {
+            batch: b,
+            rows: calls * b,
+            arrow_rows_per_sec: median(&mut arrow),
+            raw_rows_per_sec: median(&mut raw),
+        });
+    }
+    let alerts: Vec<usize> = (0..features.num_rows().min(100)).collect();
+    let scores = model.score(&features.slice(0, alerts.len())).map_err(err)?;
+    let mut explain = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        std::hint::black_box(
+            model
+                .explain(&features, &alerts, &scores, cfg.explain_top.max(1))
+                .map_err(err)?,
+        );
+        explain.push(t.elapsed().as_secs_f64() * 1e6 / alerts.len() as f64);
+    }
+    Ok(ModelBench {
+        version: model.meta().version.clone(),
+        features: width,
+        threads: cfg.threads,
+        rows: out,
+        explain_us_per_alert: median(&mut explain),
+    })
+}
+
+/// The model benchmark as a Markdown table.
+pub fn model_report(b: &ModelBench, config_path: &Path) -> String {
+    let mut s = format!(
+        "model {} ({} features, {} ONNX Runtime thread{} per call)\n\n\
+         | batch | rows per run | Arrow -> tensor -> score (median) | raw session call on a pre-built tensor (median) | ratio |\n\
+         |---|---|---|---|---|\n",
+        b.version,
+        b.features,
+        b.threads,
+        if b.threads == 1 { "" } else { "s" }
+    );
+    for r in &b.rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.0} rows/s | {:.0} rows/s | {:.2} |\n",
+            r.batch,
+            r.rows,
+            r.arrow_rows_per_sec,
+            r.raw_rows_per_sec,
+            r.arrow_rows_per_sec / r.raw_rows_per_sec
+        ));
+    }
+    s.push_str(&format!(
+        "\nexplanation of one alert (occlusion, one call per 100 alerts): {:.1} µs\n\nconfig: {}\n",
+        b.explain_us_per_alert,
+        config_path.display()
+    ));
+    s
+}

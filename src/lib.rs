@@ -17,6 +17,8 @@
 //! - [`pipeline`]: wiring of the stages with bounded channels and one cancellation token.
 //! - [`replay`]: the same SQL offline over files, to Parquet (training sets, backtests).
 //! - [`api`]: HTTP health, figures and metrics (axum).
+//! - [`model`]: the ONNX fraud model (ort): batched scoring from Arrow, feature contract checks,
+//!   explanations by occlusion.
 //! - [`metrics`]: counters, gauges, histograms in Prometheus text format.
 //! - [`app`]: glue behind the CLI commands.
 //! - [`bench`]: `payguard bench` measurements (BENCHMARKS.md).
@@ -28,6 +30,7 @@ pub mod config;
 pub mod decode;
 pub mod engine;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod replay;
 pub mod sink;

@@ -123,10 +123,15 @@ enum Command {
         /// Parquet file to write.
         #[arg(long)]
         output: PathBuf,
+        /// Ignore the `[model]` section: score NULL, decisions from the rules only (the
+        /// rules-only baseline, and a training set that does not depend on a deployed model).
+        #[arg(long)]
+        no_model: bool,
     },
     /// Measure the engine with the shipped SQL (figures for BENCHMARKS.md).
     Bench {
-        /// What to measure: `engine`.
+        /// What to measure: `engine`, or `model` (rows scored per second per core at each
+        /// `--batch` size, against the raw ONNX Runtime call on a pre-built tensor).
         #[arg(default_value = "engine")]
         what: String,
         /// Config file.
@@ -138,9 +143,9 @@ enum Command {
         /// Runs (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Rows per micro-batch.
-        #[arg(long, default_value_t = 10_000)]
-        batch: usize,
+        /// Rows per micro-batch (`engine`: the first value); `model`: comma-separated sizes.
+        #[arg(long, default_value = "10000", value_delimiter = ',')]
+        batch: Vec<usize>,
     },
     /// Validate the config file and SQL files without starting anything; lists every problem.
     Check {
@@ -195,11 +200,15 @@ async fn dispatch(command: Command) -> ExitCode {
             input,
             labels,
             output,
+            no_model,
         } => {
-            let config = match app::load_config(&config) {
+            let mut config = match app::load_config(&config) {
                 Ok(c) => c,
                 Err(e) => return fail_config(e),
             };
+            if no_model {
+                config.model = None;
+            }
             let inputs: Result<Vec<_>, _> = input
                 .iter()
                 .map(|i| payguard::replay::parse_input(&config, i))
@@ -235,8 +244,8 @@ async fn dispatch(command: Command) -> ExitCode {
             runs,
             batch,
         } => {
-            if what != "engine" {
-                eprintln!("unknown benchmark {what:?}; known: engine");
+            if what != "engine" && what != "model" {
+                eprintln!("unknown benchmark {what:?}; known: engine, model");
                 return ExitCode::from(2);
             }
             let path = config.clone();
@@ -244,6 +253,20 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail_config(e),
             };
+            if batch.is_empty() || batch.contains(&0) {
+                eprintln!("--batch sizes must be at least 1");
+                return ExitCode::from(2);
+            }
+            if what == "model" {
+                return match payguard::bench::model(&config, rows, runs, &batch).await {
+                    Ok(b) => {
+                        println!("{}", payguard::bench::model_report(&b, &path));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => finish(Err(e.into())),
+                };
+            }
+            let batch = batch[0];
             match payguard::bench::engine(&config, rows, runs, batch).await {
                 Ok(b) => {
                     println!("{}", payguard::bench::report(&b, &path));
@@ -294,6 +317,14 @@ async fn dispatch(command: Command) -> ExitCode {
                 config.simulator.rate = r;
             }
             config.api.enabled = true;
+            // The demo needs nothing but Rust: without the ONNX Runtime library it runs on rules.
+            if let Some(m) = &config.model
+                && let Err(e) =
+                    payguard::model::environment(&payguard::model::library_path(&config, m))
+            {
+                eprintln!("payguard demo: {e}; running without the model (score NULL)");
+                config.model = None;
+            }
             eprintln!(
                 "payguard demo: simulator -> SQL -> memory store; figures at http://{}/v1/stats (Ctrl-C stops)",
                 config.api.listen

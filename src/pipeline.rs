@@ -93,7 +93,7 @@ pub async fn run(
             .map(|s| (s.name.clone(), s.topic.clone())),
     );
     let reload = Arc::new(tokio::sync::Notify::new());
-    if config.engine.hot_reload {
+    if config.engine.hot_reload || config.model.as_ref().is_some_and(|m| m.hot_reload) {
         tokio::spawn(watch_sql_files(
             config.clone(),
             reload.clone(),
@@ -389,7 +389,7 @@ async fn reload_engine(engine: &mut Engine, config: &Config, metrics: &Metrics) 
         Ok(kept) => {
             metrics.reloads_ok.inc();
             *metrics.reload_error.lock().expect("reload lock") = None;
-            tracing::info!(window_state_kept = kept, "SQL files reloaded");
+            tracing::info!(window_state_kept = kept, model = %engine.model_version().unwrap_or("none"), "SQL files and model reloaded");
         }
         Err(e) => {
             metrics.reloads_failed.inc();
@@ -400,19 +400,22 @@ async fn reload_engine(engine: &mut Engine, config: &Config, metrics: &Metrics) 
     }
 }
 
-/// Every SQL file the engine reads, with its content (they are small).
+/// Every SQL file the engine reads (with `engine.hot_reload`) and the model file (with
+/// `model.hot_reload`), with their content (they are small).
 fn sql_files(config: &Config) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
-    let mut files: Vec<std::path::PathBuf> = config
-        .sources
-        .iter()
-        .map(|s| config.resolve(&s.mapping))
-        .collect();
-    files.push(config.resolve(&config.engine.features));
-    files.push(config.resolve(&config.engine.rules));
-    if let Ok(rd) = std::fs::read_dir(config.resolve(&config.engine.aggregates)) {
-        let mut aggs: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        aggs.sort();
-        files.extend(aggs);
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    if config.engine.hot_reload {
+        files.extend(config.sources.iter().map(|s| config.resolve(&s.mapping)));
+        files.push(config.resolve(&config.engine.features));
+        files.push(config.resolve(&config.engine.rules));
+        if let Ok(rd) = std::fs::read_dir(config.resolve(&config.engine.aggregates)) {
+            let mut aggs: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            aggs.sort();
+            files.extend(aggs);
+        }
+    }
+    if let Some(m) = config.model.as_ref().filter(|m| m.hot_reload) {
+        files.push(config.resolve(&m.path));
     }
     files
         .into_iter()

@@ -50,6 +50,10 @@ pub struct Config {
     /// transaction by its own SQL file.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// The fraud model (ONNX). Without this section, `score` stays NULL and decisions come from
+    /// the rules.
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
 
     /// Directory of the config file; relative paths in the file are resolved against it.
     #[serde(skip)]
@@ -402,6 +406,44 @@ impl LabelsConfig {
     pub fn history_ms(&self) -> i64 {
         crate::engine::windows::parse_duration_ms(&self.history).unwrap_or(90 * 86_400_000)
     }
+}
+
+/// `[model]`: the ONNX fraud model scored on every transaction (see `models/train.py`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// ONNX file written by `models/train.py` (input `features`, output `score`, `payguard.*`
+    /// metadata).
+    pub path: PathBuf,
+    /// Label column the model was trained on (read by `models/train.py`; checked against the
+    /// model's `payguard.label_column`).
+    #[serde(default = "default_label_column")]
+    pub label_column: String,
+    /// Features stored with each alert as its explanation: the top contributions by occlusion
+    /// (0 = no explanations; at most 100).
+    #[serde(default = "default_explain_top")]
+    pub explain_top: usize,
+    /// ONNX Runtime shared library. Empty: `ORT_DYLIB_PATH`, then
+    /// `~/.cache/payguard/onnxruntime/lib/libonnxruntime.so` (what `.ci/onnxruntime.sh`
+    /// installs), then the system's `libonnxruntime.so`.
+    #[serde(default)]
+    pub ort_library: PathBuf,
+    /// Threads ONNX Runtime may use per scoring call (1 ..= 64).
+    #[serde(default = "default_model_threads")]
+    pub threads: usize,
+    /// Watch the model file and swap a new version in between two batches (SIGHUP reloads too).
+    #[serde(default = "default_true")]
+    pub hot_reload: bool,
+}
+
+fn default_label_column() -> String {
+    "label".into()
+}
+fn default_explain_top() -> usize {
+    5
+}
+fn default_model_threads() -> usize {
+    1
 }
 
 /// `[[sources]]`: one payment source.

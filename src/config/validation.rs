@@ -328,6 +328,25 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         );
     }
 
+    // The model file itself is checked by the engine (`payguard check` loads it).
+    if let Some(m) = &config.model {
+        if m.explain_top > 100 {
+            err(
+                "model.explain_top".into(),
+                format!("must be between 0 and 100, got {}", m.explain_top),
+            );
+        }
+        if !(1..=64).contains(&m.threads) {
+            err(
+                "model.threads".into(),
+                format!("must be between 1 and 64, got {}", m.threads),
+            );
+        }
+        if m.label_column.trim().is_empty() {
+            err("model.label_column".into(), "must not be empty".into());
+        }
+    }
+
     if config.api.listen.parse::<std::net::SocketAddr>().is_err() {
         err(
             "api.listen".into(),

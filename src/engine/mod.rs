@@ -31,6 +31,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use crate::config::Config;
 use crate::decode::{DeadLetter, DecodeError, JsonDecoder};
 use crate::metrics::Metrics;
+use crate::model::Model;
 use crate::sink::SinkBatch;
 use crate::source::Batch;
 use aggregates::AggregateStage;
@@ -78,6 +79,9 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// The model could not be loaded, or does not fit `features.sql`.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
     /// Several problems found while compiling (all reported at once).
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     Many(Vec<EngineError>),
@@ -116,6 +120,10 @@ pub struct Engine {
     label_input: Option<(usize, JsonDecoder)>,
     /// Where labels of transactions older than the label index are looked up.
     lookup: Option<crate::sink::Sink>,
+    /// The fraud model, when `[model]` is configured.
+    model: Option<Model>,
+    /// Contributions stored per alert (`model.explain_top`).
+    explain_top: usize,
 }
 
 /// Column names the engine adds after the features.
@@ -126,6 +134,9 @@ pub const MODEL_VERSION: &str = "model_version";
 pub const DECISION: &str = "decision";
 /// Rule hits column (JSON array).
 pub const RULE_HITS: &str = "rule_hits";
+/// Explanation column: for alerts scored by a model, the top contributing features (JSON array of
+/// `{feature, value, baseline, contribution}`); NULL otherwise.
+pub const EXPLANATION: &str = "explanation";
 
 impl Engine {
     /// Compile every stage of `config`; all problems are reported together.
@@ -141,6 +152,7 @@ impl Engine {
         let e = &config.engine;
         let features =
             FeatureStage::compile(&config.resolve(&e.features), &FeatureLimits::of(config)).await;
+        let mut model = None;
         let (features, rules, aggregates, decided_schema) = match features {
             Err(err) => {
                 errors.push(err);
@@ -156,6 +168,10 @@ impl Engine {
                 (None, None, Vec::new(), None)
             }
             Ok(f) => {
+                match crate::model::load_bound(config, &f.feature_schema()) {
+                    Ok(m) => model = m,
+                    Err(err) => errors.push(err.into()),
+                }
                 let scored = RuleStage::scored_schema(&canonical::schema(), &f.feature_schema());
                 let rules = RuleStage::compile(
                     &config.resolve(&e.rules),
@@ -213,6 +229,8 @@ impl Engine {
                 None => None,
             },
             lookup: None,
+            model,
+            explain_top: config.model.as_ref().map_or(0, |m| m.explain_top),
         })
     }
 
@@ -342,6 +360,8 @@ impl Engine {
         self.rules = fresh.rules;
         self.aggregates = fresh.aggregates;
         self.decided_schema = fresh.decided_schema;
+        self.model = fresh.model.take();
+        self.explain_top = fresh.explain_top;
         Ok(kept)
     }
 
@@ -358,6 +378,16 @@ impl Engine {
     /// Feature columns.
     pub fn feature_schema(&self) -> SchemaRef {
         self.features.feature_schema()
+    }
+
+    /// The model's version, when a model is loaded.
+    pub fn model_version(&self) -> Option<&str> {
+        self.model.as_ref().map(|m| m.meta().version.as_str())
+    }
+
+    /// The loaded model (the benchmark scores with it).
+    pub fn model_mut(&mut self) -> Option<&mut Model> {
+        self.model.as_mut()
     }
 
     /// The current watermark (epoch ms).
@@ -538,8 +568,25 @@ impl Engine {
         let mut columns: Vec<ArrayRef> = canonical.columns().to_vec();
         columns.extend(features.columns().iter().cloned());
         // The model stage fills these; without a model the score is NULL.
-        columns.push(Arc::new(Float64Array::new_null(n)));
-        columns.push(new_null_array(&DataType::Utf8, n));
+        let model_file = |m: &Model| m.path().to_path_buf();
+        let scores = match &mut self.model {
+            Some(m) => {
+                let s = m.score(&features)?;
+                columns.push(Arc::new(Float64Array::from_iter_values(
+                    s.iter().map(|&v| v as f64),
+                )));
+                columns.push(Arc::new(StringArray::from(vec![
+                    m.meta().version.as_str();
+                    n
+                ])));
+                Some(s)
+            }
+            None => {
+                columns.push(Arc::new(Float64Array::new_null(n)));
+                columns.push(new_null_array(&DataType::Utf8, n));
+                None
+            }
+        };
         let scored_schema = RuleStage::scored_schema(&canonical::schema(), &features.schema());
         let scored = RecordBatch::try_new(scored_schema, columns.clone()).map_err(|source| {
             EngineError::Arrow {
@@ -548,8 +595,32 @@ impl Engine {
             }
         })?;
         let decided = self.rules.decide(&scored).await?;
+        // Explanations for the alerts (review or decline) of a model-scored batch.
+        let explanation: ArrayRef = match (&mut self.model, &scores) {
+            (Some(m), Some(s)) if self.explain_top > 0 => {
+                let d = decided
+                    .decision
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("decision is Utf8");
+                let alerts: Vec<usize> = (0..n).filter(|&i| d.value(i) != "approve").collect();
+                let why = m.explain(&features, &alerts, s, self.explain_top)?;
+                let mut text: Vec<Option<String>> = vec![None; n];
+                for (i, c) in alerts.iter().zip(why) {
+                    text[*i] = Some(serde_json::to_string(&c).map_err(|e| {
+                        crate::model::ModelError::Tensor {
+                            path: model_file(m),
+                            message: e.to_string(),
+                        }
+                    })?);
+                }
+                Arc::new(StringArray::from(text))
+            }
+            _ => new_null_array(&DataType::Utf8, n),
+        };
         columns.push(decided.decision);
         columns.push(decided.rule_hits);
+        columns.push(explanation);
         RecordBatch::try_new(self.decided_schema.clone(), columns).map_err(|source| {
             EngineError::Arrow {
                 file: self.features.file().clone(),
@@ -563,6 +634,7 @@ fn decided_schema(scored: &SchemaRef) -> SchemaRef {
     let mut fields: Vec<Field> = scored.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(DECISION, DataType::Utf8, false));
     fields.push(Field::new(RULE_HITS, DataType::Utf8, false));
+    fields.push(Field::new(EXPLANATION, DataType::Utf8, true));
     Arc::new(Schema::new(fields))
 }
 
@@ -777,7 +849,9 @@ mod tests {
     #[tokio::test]
     async fn card_testing_burst_is_featured_ruled_and_aggregated() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let config = crate::config::load(&dir.join("config.toml")).unwrap();
+        let mut config = crate::config::load(&dir.join("config.toml")).unwrap();
+        // The rules alone decide here (the model's scores are tested in tests/model.rs).
+        config.model = None;
         let mut engine = Engine::new(&config).await.unwrap();
         let metrics = Metrics::default();
         let msgs: Vec<RawMessage> = (0..5)

@@ -26,7 +26,7 @@ use super::{CommitOutcome, CommitStats, SinkBatch, SinkError, StoredOffsets, cop
 use crate::config::PostgresConfig;
 use crate::engine::aggregates::{AggregateStage, Merge};
 use crate::engine::canonical::COLUMNS;
-use crate::engine::{DECISION, MODEL_VERSION, RULE_HITS, SCORE};
+use crate::engine::{DECISION, EXPLANATION, MODEL_VERSION, RULE_HITS, SCORE};
 
 /// Columns of `transactions` written by the sink, in order.
 fn transaction_columns() -> Vec<&'static str> {
@@ -49,6 +49,7 @@ const ALERT_COLUMNS: &[&str] = &[
     SCORE,
     MODEL_VERSION,
     RULE_HITS,
+    EXPLANATION,
 ];
 
 /// The PostgreSQL sink.

@@ -101,6 +101,10 @@ impl TestEnv {
             let abs = repo.join(engine[key].as_str().unwrap());
             engine.insert(key.into(), abs.display().to_string().into());
         }
+        if let Some(model) = t.get_mut("model").and_then(|m| m.as_table_mut()) {
+            let abs = repo.join(model["path"].as_str().unwrap());
+            model.insert("path".into(), abs.display().to_string().into());
+        }
         t["api"]
             .as_table_mut()
             .unwrap()
