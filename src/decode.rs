@@ -135,12 +135,173 @@ pub fn json_schema(fields: &[FieldConfig], source_name: &str) -> Result<SchemaRe
     Ok(Arc::new(Schema::new(fields)))
 }
 
+/// Digits of a Decimal128.
+const MAX_DIGITS: i8 = 38;
+/// Extra decimals of the wire type of an integer field (so that `3.5` is seen, not truncated).
+const INT_WIRE_SCALE: i8 = 18;
+
+/// The type arrow-json decodes a field into. Arrow's JSON decoder silently truncates: `"12.345"`
+/// into `decimal(18,2)` gives 12.34, `3.5` into an integer gives 3. Money must never be rounded,
+/// so exact numeric fields are decoded with more decimals than declared (a decimal(P,S) as
+/// decimal(38, 38-(P-S)), keeping the P-S integer digits; an integer as decimal(38,18)) and
+/// narrowed back by [`narrow`], which refuses any value that would lose a digit.
+fn wire_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Decimal128(p, s) => DataType::Decimal128(38, MAX_DIGITS - (*p as i8 - *s)),
+        DataType::Int32 | DataType::Int64 => DataType::Decimal128(38, INT_WIRE_SCALE),
+        other => other.clone(),
+    }
+}
+
+/// Exact text of a wide decimal, trailing zeros of the fraction removed.
+fn decimal_text(v: i128, scale: i8) -> String {
+    let mut out = Vec::new();
+    crate::sink::copy::write_decimal(v, scale, &mut out);
+    let mut s = String::from_utf8(out).expect("ascii");
+    if s.contains('.') {
+        while s.ends_with('0') {
+            s.pop();
+        }
+        if s.ends_with('.') {
+            s.pop();
+        }
+    }
+    s
+}
+
+/// Narrow a decoded column from its wire type to the declared type of `field`, or explain which
+/// value does not fit exactly. Also returns the rows whose value is zero: arrow parses digitless
+/// strings such as `"+."` or `"e1"` as 0, so those rows are checked against the message text.
+fn narrow(col: &ArrayRef, field: &Field) -> Result<(ArrayRef, Vec<usize>), String> {
+    use datafusion::arrow::array::{Array, Decimal128Array};
+    let (DataType::Decimal128(_, wire_scale), target) = (col.data_type(), field.data_type()) else {
+        return Ok((col.clone(), Vec::new()));
+    };
+    let wide = col
+        .as_any()
+        .downcast_ref::<Decimal128Array>()
+        .expect("decimal wire column");
+    let (drop, lo, hi, what) = match target {
+        DataType::Decimal128(p, s) => (
+            *wire_scale - *s,
+            -(10i128.pow(*p as u32) - 1),
+            10i128.pow(*p as u32) - 1,
+            format!("decimal({p},{s})"),
+        ),
+        DataType::Int32 => (
+            *wire_scale,
+            i32::MIN as i128,
+            i32::MAX as i128,
+            "int32".into(),
+        ),
+        DataType::Int64 => (
+            *wire_scale,
+            i64::MIN as i128,
+            i64::MAX as i128,
+            "int64".into(),
+        ),
+        _ => return Ok((col.clone(), Vec::new())),
+    };
+    let mut zeros = Vec::new();
+    let div = 10i128.pow(drop as u32);
+    let mut values = Vec::with_capacity(wide.len());
+    for i in 0..wide.len() {
+        if wide.is_null(i) {
+            values.push(None);
+            continue;
+        }
+        let v = wide.value(i);
+        if v == 0 {
+            zeros.push(i);
+        }
+        let (q, r) = (v / div, v % div);
+        if r != 0 {
+            return Err(format!(
+                "field {}: {} has more decimals than {what} holds (money is never rounded)",
+                field.name(),
+                decimal_text(v, *wire_scale)
+            ));
+        }
+        if q < lo || q > hi {
+            return Err(format!(
+                "field {}: {} does not fit {what}",
+                field.name(),
+                decimal_text(v, *wire_scale)
+            ));
+        }
+        values.push(Some(q));
+    }
+    let narrowed: ArrayRef = match target {
+        DataType::Decimal128(p, s) => Arc::new(
+            Decimal128Array::from(values)
+                .with_precision_and_scale(*p, *s)
+                .map_err(|e| e.to_string())?,
+        ),
+        DataType::Int32 => Arc::new(Int32Array::from(
+            values
+                .into_iter()
+                .map(|v| v.map(|v| v as i32))
+                .collect::<Vec<_>>(),
+        )),
+        _ => Arc::new(Int64Array::from(
+            values
+                .into_iter()
+                .map(|v| v.map(|v| v as i64))
+                .collect::<Vec<_>>(),
+        )),
+    };
+    Ok((narrowed, zeros))
+}
+
+/// Whether the JSON value of `field` in `message` is a number, or a string written as one (a
+/// zero decoded from `"+."` or `"e1"` is not money).
+fn has_digit(message: &[u8], field: &str) -> bool {
+    match serde_json::from_slice::<serde_json::Value>(message) {
+        Ok(serde_json::Value::Object(o)) => match o.get(field) {
+            Some(serde_json::Value::String(s)) => {
+                // [sign] digits with at most one '.', at least one digit, [e [sign] digits]
+                let t = s.strip_prefix(['+', '-']).unwrap_or(s);
+                let (mantissa, exp) = match t.find(['e', 'E']) {
+                    Some(i) => (&t[..i], Some(&t[i + 1..])),
+                    None => (t, None),
+                };
+                mantissa.bytes().any(|b| b.is_ascii_digit())
+                    && mantissa.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                    && exp.is_none_or(|e| {
+                        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+                        !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit())
+                    })
+            }
+            _ => true,
+        },
+        _ => true,
+    }
+}
+
+/// Position of a `\u0000` escape (a NUL character once decoded) in a JSON text, if any; a
+/// `\\u0000` (an escaped backslash followed by text) is not one.
+fn escaped_nul(v: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = v[from..].windows(6).position(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        let at = from + i;
+        let backslashes = v[..=at].iter().rev().take_while(|b| **b == b'\\').count();
+        if backslashes % 2 == 1 {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
 /// Decoder of one source.
 #[derive(Debug, Clone)]
 pub struct JsonDecoder {
     source_name: String,
     topic: String,
     json_schema: SchemaRef,
+    /// What arrow-json decodes into: `json_schema` with exact numeric fields widened (see
+    /// [`wire_type`]), narrowed back without loss after decoding, or the message is refused.
+    wire_schema: SchemaRef,
     output_schema: SchemaRef,
     required: Vec<String>,
     max_message_bytes: usize,
@@ -166,10 +327,18 @@ impl JsonDecoder {
             .collect();
         out.push(Field::new(PARTITION_COLUMN, DataType::Int32, false));
         out.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
+        let wire_schema = Arc::new(Schema::new(
+            json_schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_data_type(wire_type(f.data_type())))
+                .collect::<Vec<_>>(),
+        ));
         Ok(Self {
             source_name: source.name.clone(),
             topic: source.topic.clone(),
             json_schema,
+            wire_schema,
             output_schema: Arc::new(Schema::new(out)),
             required: source
                 .fields
@@ -243,6 +412,20 @@ impl JsonDecoder {
         if v.iter().all(u8::is_ascii_whitespace) {
             return Err("empty message".into());
         }
+        if let Some(at) = v
+            .iter()
+            .position(|b| *b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
+        {
+            return Err(format!(
+                "invalid JSON: control character 0x{:02x} at byte {at}",
+                v[at]
+            ));
+        }
+        if let Some(at) = escaped_nul(v) {
+            return Err(format!(
+                "NUL character (\\u0000) in a string at byte {at}: PostgreSQL text cannot hold it"
+            ));
+        }
         Ok(())
     }
 
@@ -271,7 +454,7 @@ impl JsonDecoder {
     }
 
     fn decode_all(&self, msgs: &[&RawMessage]) -> Result<RecordBatch, String> {
-        let mut decoder = ReaderBuilder::new(self.json_schema.clone())
+        let mut decoder = ReaderBuilder::new(self.wire_schema.clone())
             .with_batch_size(msgs.len() + 1)
             .build_decoder()
             .map_err(|e| e.to_string())?;
@@ -294,7 +477,7 @@ impl JsonDecoder {
         let batch = decoder
             .flush()
             .map_err(|e| e.to_string())?
-            .unwrap_or_else(|| RecordBatch::new_empty(self.json_schema.clone()));
+            .unwrap_or_else(|| RecordBatch::new_empty(self.wire_schema.clone()));
         if batch.num_rows() != msgs.len() {
             return Err(format!(
                 "expected exactly one JSON object per message, got {} rows from {} messages",
@@ -302,7 +485,17 @@ impl JsonDecoder {
                 msgs.len()
             ));
         }
-        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 2);
+        for (c, f) in batch.columns().iter().zip(self.json_schema.fields()) {
+            let (narrowed, zeros) = narrow(c, f)?;
+            for row in zeros {
+                let v = msgs[row].value.as_deref().unwrap_or_default();
+                if !has_digit(v, f.name()) {
+                    return Err(format!("field {}: value is not a number", f.name()));
+                }
+            }
+            columns.push(narrowed);
+        }
         columns.push(Arc::new(Int32Array::from_iter_values(
             msgs.iter().map(|m| m.partition),
         )));
@@ -348,6 +541,7 @@ impl JsonDecoder {
 mod tests {
     use super::*;
     use datafusion::arrow::util::pretty::pretty_format_batches;
+    use proptest::prelude::Strategy as _;
     use std::path::PathBuf;
 
     fn source() -> SourceConfig {
@@ -440,6 +634,190 @@ mod tests {
         assert_eq!(dead[6].0, 8);
         assert_eq!(out.dead_letters[0].raw, b"{not json");
         let _ = pretty_format_batches;
+    }
+
+    fn amount_msg(offset: i64, amount: &str) -> RawMessage {
+        msg(
+            offset,
+            format!(r#"{{"id":"x{offset}","amount":{amount},"ts":"2026-11-01T00:00:00Z"}}"#)
+                .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn money_is_exact_or_dead_lettered_never_rounded() {
+        let d = JsonDecoder::new(&source(), 1000).unwrap();
+        let good = [
+            (r#""10.05""#, "10.05"),
+            ("12.5", "12.50"),
+            (r#""1e3""#, "1000.00"),
+            ("-0.10", "-0.10"),
+            (r#""12.340""#, "12.34"),
+            (r#""9999999999999999.99""#, "9999999999999999.99"),
+        ];
+        let bad = [
+            (r#""12.345.6""#, "wrong field type or value"),
+            ("1e400", "invalid JSON"),
+            (r#""1e400""#, "wrong field type or value"),
+            (r#""12.345""#, "field amount: 12.345 has more decimals than decimal(18,2)"),
+            ("12.345", "field amount: 12.345 has more decimals"),
+            (r#""-0.001""#, "field amount: -0.001 has more decimals"),
+            (r#""99999999999999999.00""#, "wrong field type or value"),
+            (r#""NaN""#, "wrong field type or value"),
+            ("true", "wrong field type or value"),
+            (r#""""#, "wrong field type or value"),
+        ];
+        let mut msgs = Vec::new();
+        for (i, (a, _)) in good.iter().chain(bad.iter()).enumerate() {
+            msgs.push(amount_msg(i as i64, a));
+        }
+        let out = d.decode(&msgs).unwrap();
+        assert_eq!(out.batch.num_rows(), good.len());
+        for (i, (_, want)) in good.iter().enumerate() {
+            let got =
+                datafusion::arrow::util::display::array_value_to_string(out.batch.column(1), i)
+                    .unwrap();
+            assert_eq!(&got, want);
+        }
+        assert_eq!(out.dead_letters.len(), bad.len());
+        for (dl, (amount, reason)) in out.dead_letters.iter().zip(bad.iter()) {
+            assert!(
+                dl.reason.contains(reason),
+                "{amount}: reason {:?} should contain {reason:?}",
+                dl.reason
+            );
+        }
+    }
+
+    #[test]
+    fn integers_are_exact_or_dead_lettered() {
+        let mut src = source();
+        src.fields.push(FieldConfig {
+            name: "cents".into(),
+            data_type: "int64".into(),
+            required: false,
+        });
+        src.fields.push(FieldConfig {
+            name: "n".into(),
+            data_type: "int32".into(),
+            required: false,
+        });
+        let d = JsonDecoder::new(&src, 1000).unwrap();
+        let m = |o: i64, extra: &str| {
+            msg(
+                o,
+                format!(r#"{{"id":"i{o}","amount":"1","ts":"2026-11-01T00:00:00Z",{extra}}}"#)
+                    .as_bytes(),
+            )
+        };
+        let msgs = vec![
+            m(0, r#""cents":123456789012,"n":-7"#),
+            m(1, r#""cents":"42","n":null"#),
+            m(2, r#""cents":1234.5"#),
+            m(3, r#""n":3000000000"#),
+            m(4, r#""n":"x""#),
+            m(5, r#""cents":9223372036854775807"#),
+        ];
+        let out = d.decode(&msgs).unwrap();
+        let ok: Vec<i64> = out
+            .batch
+            .column(4)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap_or(-1))
+            .collect();
+        assert_eq!(ok, vec![123456789012, 42, i64::MAX]);
+        assert_eq!(out.batch.schema().field(5).data_type(), &DataType::Int32);
+        let dead: Vec<(i64, &str)> = out
+            .dead_letters
+            .iter()
+            .map(|d| (d.offset, d.reason.as_str()))
+            .collect();
+        assert_eq!(dead.len(), 3, "{dead:?}");
+        assert!(dead[0].1.contains("cents: 1234.5 has more decimals than int64"));
+        assert!(dead[1].1.contains("n: 3000000000 does not fit int32"));
+        assert!(dead[2].1.starts_with("wrong field type or value"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// Arbitrary bytes, and JSON-looking mutations of a good message: the decoder never
+        /// panics and every message ends as exactly one row or exactly one dead letter, in place.
+        #[test]
+        fn every_message_is_a_row_or_a_dead_letter(
+            inputs in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120),
+                    (0usize..70, proptest::prelude::any::<u8>(), 0usize..3).prop_map(|(at, b, op)| {
+                        let mut v = br#"{"id":"a","amount":"10.05","ts":"2026-11-01T00:00:00Z","note":"n"}"#.to_vec();
+                        let at = at.min(v.len() - 1);
+                        match op {
+                            0 => v[at] = b,
+                            1 => { v.remove(at); }
+                            _ => v.insert(at, b),
+                        }
+                        v
+                    }),
+                    "[0-9eE+.-]{0,12}".prop_map(|a| format!(
+                        r#"{{"id":"p","amount":"{a}","ts":"2026-11-01T00:00:00Z"}}"#).into_bytes()),
+                ],
+                1..40,
+            )
+        ) {
+            let d = JsonDecoder::new(&source(), 100).unwrap();
+            let msgs: Vec<RawMessage> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, v)| msg(i as i64, v))
+                .collect();
+            let out = d.decode(&msgs).unwrap();
+            proptest::prop_assert_eq!(out.batch.num_rows() + out.dead_letters.len(), msgs.len());
+            let rows: Vec<i64> = out
+                .batch
+                .column_by_name(OFFSET_COLUMN)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec();
+            let mut all: Vec<i64> = rows.iter().copied().chain(out.dead_letters.iter().map(|x| x.offset)).collect();
+            all.sort();
+            proptest::prop_assert_eq!(all, (0..msgs.len() as i64).collect::<Vec<_>>());
+            for dl in &out.dead_letters {
+                proptest::prop_assert_eq!(&dl.raw, &inputs[dl.offset as usize]);
+                proptest::prop_assert!(!dl.reason.is_empty());
+            }
+            // A row's amount is exactly what the message said (checked against serde_json).
+            let amounts = out.batch.column(1).as_any().downcast_ref::<datafusion::arrow::array::Decimal128Array>().unwrap();
+            for (i, off) in rows.iter().enumerate() {
+                // arrow-json accepts a raw tab inside a string, serde_json does not.
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&inputs[*off as usize]) else { continue };
+                let text = match &v["amount"] {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let parsed: f64 = text.parse().map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{text:?} decoded as {}: {e}", amounts.value(i))))?;
+                proptest::prop_assert!((amounts.value(i) as f64 / 100.0 - parsed).abs() < 1e-6 * parsed.abs().max(1.0), "{} vs {}", amounts.value(i), text);
+            }
+        }
+    }
+
+    #[test]
+    fn nul_characters_and_control_bytes_are_dead_lettered() {
+        let d = JsonDecoder::new(&source(), 1000).unwrap();
+        let msgs = vec![
+            msg(0, br#"{"id":"a\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#),
+            msg(1, b"{\"id\":\"a\x01b\",\"amount\":\"1\",\"ts\":\"2026-11-01T00:00:00Z\"}"),
+            msg(2, br#"{"id":"a\\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#),
+        ];
+        let out = d.decode(&msgs).unwrap();
+        assert_eq!(out.batch.num_rows(), 1, "an escaped backslash before u0000 is text");
+        assert!(out.dead_letters[0].reason.starts_with("NUL character"));
+        assert!(out.dead_letters[1].reason.contains("control character 0x01"));
     }
 
     #[test]
