@@ -262,6 +262,20 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         );
     }
 
+    for (key, value) in [
+        ("postgres.compress_after", &pg.compress_after),
+        ("postgres.retention", &pg.retention),
+    ] {
+        if !value.trim().eq_ignore_ascii_case("off")
+            && crate::engine::windows::parse_duration_ms(value).is_none_or(|ms| ms <= 0)
+        {
+            err(
+                key.into(),
+                format!("\"{value}\" is not \"off\" or a duration like \"7 days\", \"12 hours\""),
+            );
+        }
+    }
+
     let e = &config.engine;
     for (key, value) in [
         ("engine.history", &e.history),

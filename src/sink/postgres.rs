@@ -89,6 +89,14 @@ impl PgSink {
                 dir: migrations.display().to_string(),
                 source,
             })?;
+        let interval = |ms: Option<i64>| ms.map(|ms| format!("{ms} milliseconds"));
+        let applied: String =
+            sqlx::query_scalar("SELECT payguard_storage_policies($1::interval, $2::interval)")
+                .bind(interval(cfg.compress_after_ms()))
+                .bind(interval(cfg.retention_ms()))
+                .fetch_one(&pool)
+                .await?;
+        tracing::info!(policies = %applied, "storage policies");
         let tx_cols = transaction_columns().join(", ");
         let mut alert_cols: Vec<&str> = ALERT_COLUMNS.to_vec();
         alert_cols.push("features");
