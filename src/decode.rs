@@ -282,7 +282,10 @@ fn has_digit(message: &[u8], field: &str) -> bool {
 /// `\\u0000` (an escaped backslash followed by text) is not one.
 fn escaped_nul(v: &[u8]) -> Option<usize> {
     let mut from = 0;
-    while let Some(i) = v[from..].windows(6).position(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+    while let Some(i) = v[from..]
+        .windows(6)
+        .position(|w| w.eq_ignore_ascii_case(b"\\u0000"))
+    {
         let at = from + i;
         let backslashes = v[..=at].iter().rev().take_while(|b| **b == b'\\').count();
         if backslashes % 2 == 1 {
@@ -659,7 +662,10 @@ mod tests {
             (r#""12.345.6""#, "wrong field type or value"),
             ("1e400", "invalid JSON"),
             (r#""1e400""#, "wrong field type or value"),
-            (r#""12.345""#, "field amount: 12.345 has more decimals than decimal(18,2)"),
+            (
+                r#""12.345""#,
+                "field amount: 12.345 has more decimals than decimal(18,2)",
+            ),
             ("12.345", "field amount: 12.345 has more decimals"),
             (r#""-0.001""#, "field amount: -0.001 has more decimals"),
             (r#""99999999999999999.00""#, "wrong field type or value"),
@@ -736,7 +742,11 @@ mod tests {
             .map(|d| (d.offset, d.reason.as_str()))
             .collect();
         assert_eq!(dead.len(), 3, "{dead:?}");
-        assert!(dead[0].1.contains("cents: 1234.5 has more decimals than int64"));
+        assert!(
+            dead[0]
+                .1
+                .contains("cents: 1234.5 has more decimals than int64")
+        );
         assert!(dead[1].1.contains("n: 3000000000 does not fit int32"));
         assert!(dead[2].1.starts_with("wrong field type or value"));
     }
@@ -810,14 +820,31 @@ mod tests {
     fn nul_characters_and_control_bytes_are_dead_lettered() {
         let d = JsonDecoder::new(&source(), 1000).unwrap();
         let msgs = vec![
-            msg(0, br#"{"id":"a\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#),
-            msg(1, b"{\"id\":\"a\x01b\",\"amount\":\"1\",\"ts\":\"2026-11-01T00:00:00Z\"}"),
-            msg(2, br#"{"id":"a\\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#),
+            msg(
+                0,
+                br#"{"id":"a\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#,
+            ),
+            msg(
+                1,
+                b"{\"id\":\"a\x01b\",\"amount\":\"1\",\"ts\":\"2026-11-01T00:00:00Z\"}",
+            ),
+            msg(
+                2,
+                br#"{"id":"a\\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#,
+            ),
         ];
         let out = d.decode(&msgs).unwrap();
-        assert_eq!(out.batch.num_rows(), 1, "an escaped backslash before u0000 is text");
+        assert_eq!(
+            out.batch.num_rows(),
+            1,
+            "an escaped backslash before u0000 is text"
+        );
         assert!(out.dead_letters[0].reason.starts_with("NUL character"));
-        assert!(out.dead_letters[1].reason.contains("control character 0x01"));
+        assert!(
+            out.dead_letters[1]
+                .reason
+                .contains("control character 0x01")
+        );
     }
 
     #[test]

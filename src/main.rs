@@ -125,7 +125,8 @@ enum Command {
     },
     /// Measure the engine with the shipped SQL (figures for BENCHMARKS.md).
     Bench {
-        /// What to measure: `engine`.
+        /// What to measure: `engine`, `sink` (the PostgreSQL sink against `psql \\copy` of the
+        /// same rows) or `e2e` (Kafka to PostgreSQL with `--rows` messages).
         #[arg(default_value = "engine")]
         what: String,
         /// Config file.
@@ -234,8 +235,8 @@ async fn dispatch(command: Command) -> ExitCode {
             runs,
             batch,
         } => {
-            if what != "engine" {
-                eprintln!("unknown benchmark {what:?}; known: engine");
+            if !["engine", "sink", "e2e"].contains(&what.as_str()) {
+                eprintln!("unknown benchmark {what:?}; known: engine, sink, e2e");
                 return ExitCode::from(2);
             }
             let path = config.clone();
@@ -243,9 +244,20 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail_config(e),
             };
-            match payguard::bench::engine(&config, rows, runs, batch).await {
-                Ok(b) => {
-                    println!("{}", payguard::bench::report(&b, &path));
+            let report = match what.as_str() {
+                "sink" => payguard::bench::sink(&config, rows, runs, batch)
+                    .await
+                    .map(|b| payguard::bench::sink_report(&b, &path)),
+                "e2e" => payguard::bench::e2e(&config, rows as u64, runs)
+                    .await
+                    .map(|b| payguard::bench::e2e_report(&b, &path)),
+                _ => payguard::bench::engine(&config, rows, runs, batch)
+                    .await
+                    .map(|b| payguard::bench::report(&b, &path)),
+            };
+            match report {
+                Ok(r) => {
+                    println!("{r}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => finish(Err(e.into())),

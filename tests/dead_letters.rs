@@ -75,7 +75,11 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_nothing_is
     let ends = env.end_offsets(PARTITIONS);
     let produced: i64 = ends.iter().map(|(_, o)| o).sum();
     assert_eq!(produced, 4_000 + bad.len() as i64 + 1);
-    assert_eq!(env.transactions().await, 4_001, "every good message is stored");
+    assert_eq!(
+        env.transactions().await,
+        4_001,
+        "every good message is stored"
+    );
     assert_eq!(
         env.scalar("SELECT count(*) FROM transactions WHERE transaction_id = 'dl-good'")
             .await,
@@ -109,7 +113,11 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_nothing_is
         assert_eq!(source, "card");
         assert_eq!(topic, &env.topic);
         assert_eq!(*partition, 1);
-        assert_eq!(*offset, first + i as i64, "dead letter {i} keeps its offset");
+        assert_eq!(
+            *offset,
+            first + i as i64,
+            "dead letter {i} keeps its offset"
+        );
         assert_eq!(raw, sent, "dead letter {i} keeps the raw bytes");
         assert!(
             reason.contains(why),

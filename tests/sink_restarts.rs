@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{PrivateKafka, PrivatePostgres, TestEnv, assert_aggregates_match_transactions, signal};
+use common::{
+    PrivateKafka, PrivatePostgres, TestEnv, assert_aggregates_match_transactions, signal,
+};
 
 const PARTITIONS: i32 = 3;
 
@@ -36,16 +38,20 @@ async fn database_restart_and_broker_restart_mid_load_lose_and_repeat_nothing() 
 
     // 1. The database crashes (immediate shutdown: connections cut, open transactions lost) while
     //    the producer keeps writing; it comes back three seconds later.
-    let producer = env.spawn(&["generate", "--count", "6000", "--rate", "1500", "--seed", "2", "-q"]);
+    let producer = env.spawn(&[
+        "generate", "--count", "6000", "--rate", "1500", "--seed", "2", "-q",
+    ]);
     pg.stop("immediate");
     tokio::time::sleep(Duration::from_secs(3)).await;
     pg.start_again();
     let (status, log) = env.wait(producer, Duration::from_secs(60));
     assert!(status.success(), "producer: {log}");
     let after_db = env.transactions().await;
-    env.wait_for("progress after the database restart", Duration::from_secs(90), || async {
-        env.transactions().await > after_db + 1_000
-    })
+    env.wait_for(
+        "progress after the database restart",
+        Duration::from_secs(90),
+        || async { env.transactions().await > after_db + 1_000 },
+    )
     .await;
     assert!(
         env.transactions().await < 14_000,
@@ -70,7 +76,9 @@ async fn database_restart_and_broker_restart_mid_load_lose_and_repeat_nothing() 
         "the database loss was seen and retried:\n{log}"
     );
     assert!(
-        log.contains("fetch failed") || log.contains("cannot open partition"),
+        log.contains("fetch failed")
+            || log.contains("cannot open partition")
+            || log.contains("Failed to connect to broker"),
         "the broker loss was seen and retried:\n{log}"
     );
 

@@ -499,8 +499,10 @@ fn split_future(
         .downcast_ref::<StringArray>()
         .expect("canonical id");
     let parts = partitions.and_then(|p| p.as_any().downcast_ref::<Int32Array>());
-    let offs =
-        offsets.and_then(|o| o.as_any().downcast_ref::<datafusion::arrow::array::Int64Array>());
+    let offs = offsets.and_then(|o| {
+        o.as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+    });
     let out = future
         .iter()
         .map(|&i| {

@@ -528,7 +528,9 @@ impl PrivateKafka {
     fn libs() -> PathBuf {
         let cache = std::env::var("PAYGUARD_CACHE")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/payguard"));
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/payguard")
+            });
         let version = std::env::var("PAYGUARD_KAFKA_VERSION").unwrap_or_else(|_| "4.2.2".into());
         cache.join(format!("kafka-{version}")).join("libs")
     }
@@ -617,7 +619,11 @@ impl PrivateKafka {
             .args(["kafka.tools.StorageTool", "random-uuid"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let cluster = String::from_utf8(out.stdout).unwrap();
         let cluster = cluster.lines().last().unwrap().trim().to_string();
         let out = k
@@ -664,8 +670,7 @@ impl PrivateKafka {
                 .args(["-b", &self.bootstrap(), "-L", "-m", "2"])
                 .output()
                 .unwrap();
-            if md.status.success() && String::from_utf8_lossy(&md.stdout).contains("broker 1 at")
-            {
+            if md.status.success() && String::from_utf8_lossy(&md.stdout).contains("broker 1 at") {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -788,6 +793,9 @@ pub async fn assert_aggregates_match_transactions(conn: &mut PgConnection) {
         .unwrap()
         .get(0);
         assert!(stored > 0, "{table} is empty");
-        assert_eq!(diff, 0, "{table} differs from its recomputation in {diff} rows");
+        assert_eq!(
+            diff, 0,
+            "{table} differs from its recomputation in {diff} rows"
+        );
     }
 }
