@@ -555,6 +555,15 @@ pub async fn e2e(config: &Config, count: u64, runs: usize) -> Result<E2eBench, B
         }
     }
     drop_database(&config, db).await;
+    // The benchmark's topics are its own: delete them.
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Ok(client) = crate::source::kafka::connect(&config.kafka, &stop).await
+        && let Ok(controller) = client.controller_client()
+    {
+        for s in &config.sources {
+            let _ = controller.delete_topic(s.topic.clone(), 10_000).await;
+        }
+    }
     Ok(E2eBench {
         messages,
         e2e_rows_per_sec: median(&mut e2e_rates),
