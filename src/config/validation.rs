@@ -505,6 +505,24 @@ fields = [
     }
 
     #[test]
+    fn storage_policies_are_off_or_a_duration() {
+        let ok = format!("[postgres]\ncompress_after = \"off\"\nretention = \"90 days\"\n{SOURCE}");
+        assert_eq!(errors_of(&ok), Vec::<String>::new());
+        let bad = format!("[postgres]\ncompress_after = \"soon\"\nretention = \"0 days\"\n{SOURCE}");
+        let errs = errors_of(&bad);
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(errs[0].contains("postgres.compress_after"), "{}", errs[0]);
+        assert!(errs[1].contains("postgres.retention"), "{}", errs[1]);
+        let pg = crate::config::PostgresConfig {
+            retention: "2 days".into(),
+            ..Default::default()
+        };
+        assert_eq!(pg.retention_ms(), Some(2 * 86_400_000));
+        assert_eq!(pg.compress_after_ms(), Some(7 * 86_400_000));
+        assert_eq!(crate::config::PostgresConfig::default().retention_ms(), None);
+    }
+
+    #[test]
     fn reports_bad_field_type_with_its_line() {
         let text = SOURCE.replace("\"string\"", "\"strnig\"");
         let errs = errors_of(&text);
