@@ -508,7 +508,8 @@ fields = [
     fn storage_policies_are_off_or_a_duration() {
         let ok = format!("[postgres]\ncompress_after = \"off\"\nretention = \"90 days\"\n{SOURCE}");
         assert_eq!(errors_of(&ok), Vec::<String>::new());
-        let bad = format!("[postgres]\ncompress_after = \"soon\"\nretention = \"0 days\"\n{SOURCE}");
+        let bad =
+            format!("[postgres]\ncompress_after = \"soon\"\nretention = \"0 days\"\n{SOURCE}");
         let errs = errors_of(&bad);
         assert_eq!(errs.len(), 2, "{errs:#?}");
         assert!(errs[0].contains("postgres.compress_after"), "{}", errs[0]);
@@ -519,7 +520,10 @@ fields = [
         };
         assert_eq!(pg.retention_ms(), Some(2 * 86_400_000));
         assert_eq!(pg.compress_after_ms(), Some(7 * 86_400_000));
-        assert_eq!(crate::config::PostgresConfig::default().retention_ms(), None);
+        assert_eq!(
+            crate::config::PostgresConfig::default().retention_ms(),
+            None
+        );
     }
 
     #[test]
