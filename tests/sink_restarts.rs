@@ -37,12 +37,13 @@ async fn database_restart_and_broker_restart_mid_load_lose_and_repeat_nothing() 
     .await;
 
     // 1. The database crashes (immediate shutdown: connections cut, open transactions lost) while
-    //    the producer keeps writing; it comes back three seconds later.
+    //    the producer keeps writing; it comes back twelve seconds later (longer than the pool's
+    //    10 s acquire timeout, so that a commit fails and is retried, not only waited for).
     let producer = env.spawn(&[
         "generate", "--count", "6000", "--rate", "1500", "--seed", "2", "-q",
     ]);
     pg.stop("immediate");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     pg.start_again();
     let (status, log) = env.wait(producer, Duration::from_secs(60));
     assert!(status.success(), "producer: {log}");
