@@ -2,7 +2,8 @@
 # .ci/services.sh — bring up / tear down every external service payguard's
 # integration tests need, on Debian 12 as root, without Docker.
 #
-#   services.sh up     kcat (apt, if missing), ONNX Runtime library,
+#   services.sh up     kcat (apt, if missing), ONNX Runtime library, Prometheus
+#                      (apt, if missing; started by tests/grafana.rs itself),
 #                      PostgreSQL 15, Kafka (install + start + wait)
 #   services.sh down   stop Kafka, then PostgreSQL
 #
@@ -32,6 +33,7 @@ cmd_up() {
   local t0=$SECONDS ort
   ensure_kcat
   ort="$("$CI_DIR/onnxruntime.sh")"
+  "$CI_DIR/prometheus.sh" install
   "$CI_DIR/postgres.sh" start
   "$CI_DIR/kafka.sh" install
   "$CI_DIR/kafka.sh" start

@@ -4,6 +4,9 @@
 -- engine: a row's window holds the rows of the same entity that arrived before it (and itself)
 -- whose event_time lies within the frame. Supported: count(*), count(x), count(DISTINCT x), sum,
 -- avg, min, max over RANGE BETWEEN INTERVAL '...' PRECEDING AND CURRENT ROW, and lag(x).
+-- fraud_labels(*) / known_labels(*) read the label feedback (chargebacks, fraud reports) point in
+-- time: the entity's transactions in the frame whose label was reported at or before the row's
+-- own event time (frames up to labels.history).
 SELECT
   transaction_id,
   CAST(amount AS DOUBLE) AS txn_amount,
@@ -50,5 +53,14 @@ SELECT
   count(DISTINCT card_id) OVER (PARTITION BY merchant_id ORDER BY event_time
                  RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS merchant_cards_10m,
   COALESCE(CAST(amount AS DOUBLE) / NULLIF(avg(amount) OVER (PARTITION BY merchant_id ORDER BY event_time
-                 RANGE BETWEEN INTERVAL '24 hours' PRECEDING AND CURRENT ROW), 0), 1.0) AS merchant_amount_ratio_24h
+                 RANGE BETWEEN INTERVAL '24 hours' PRECEDING AND CURRENT ROW), 0), 1.0) AS merchant_amount_ratio_24h,
+
+  -- Label feedback: confirmed fraud already reported for this merchant, terminal (a compromised
+  -- terminal keeps producing chargebacks) and card (a card reported stolen is still being used).
+  fraud_labels(*) OVER (PARTITION BY merchant_id ORDER BY event_time
+                 RANGE BETWEEN INTERVAL '30 days' PRECEDING AND CURRENT ROW) AS merchant_fraud_labels_30d,
+  fraud_labels(*) OVER (PARTITION BY terminal_id ORDER BY event_time
+                 RANGE BETWEEN INTERVAL '30 days' PRECEDING AND CURRENT ROW) AS terminal_fraud_labels_30d,
+  fraud_labels(*) OVER (PARTITION BY card_id ORDER BY event_time
+                 RANGE BETWEEN INTERVAL '90 days' PRECEDING AND CURRENT ROW) AS card_fraud_labels_90d
 FROM transactions

@@ -484,7 +484,8 @@ async fn generate_kafka(
     let label_producer = match labels_topic {
         Some(topic) => {
             if create_topics {
-                kafka::ensure_topic(&client, &config.kafka, topic, 3).await?;
+                kafka::ensure_topic(&client, &config.kafka, topic, config.labels.partitions)
+                    .await?;
             }
             Some(TopicProducer::new(&client, &config.kafka, topic).await?)
         }

@@ -380,6 +380,7 @@ pub async fn sink(
                 aggregates: partials.clone(),
                 aggregate_stages: stages.clone(),
                 dead_letters: Vec::new(),
+                labels: None,
                 offsets: vec![OffsetCommit {
                     source: 0,
                     topic: "bench".into(),

@@ -395,6 +395,11 @@ impl JsonDecoder {
         })
     }
 
+    /// Topic of the source.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// Schema of the decoded batches (the `input` table of the mapping SQL).
     pub fn output_schema(&self) -> SchemaRef {
         self.output_schema.clone()

@@ -89,7 +89,8 @@ enum Command {
         /// <stem>.labels.<ext>.
         #[arg(long)]
         labels: bool,
-        /// Topic of the label feedback (implies --labels) [default: payguard.labels].
+        /// Topic of the label feedback (implies --labels) [default: labels.topic of the config].
+        /// With `[labels] enabled = true` in the config, labels are generated without --labels.
         #[arg(long, value_name = "TOPIC")]
         labels_topic: Option<String>,
         /// Shortest report delay, simulated days [default: 3].
@@ -338,7 +339,8 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(e) => return fail_config(e),
             };
             let mut params = SimulatorParams {
-                label_feedback: labels || labels_topic.is_some(),
+                // A config that consumes labels gets them generated too.
+                label_feedback: labels || labels_topic.is_some() || config.labels.enabled,
                 ..Default::default()
             };
             if let Some(d) = label_delay_min_days {
@@ -376,7 +378,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 start_time,
                 speedup,
                 sources,
-                labels_topic: labels_topic.unwrap_or_else(|| "payguard.labels".into()),
+                labels_topic: labels_topic.unwrap_or_else(|| config.labels.topic.clone()),
                 params,
             };
             finish(app::generate(&config, &opts).await.map(|_| ()))

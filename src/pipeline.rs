@@ -86,6 +86,12 @@ pub async fn run(
     if let Sink::Postgres(pg) = &sink {
         pg.prepare_aggregates(&engine.aggregates()).await?;
     }
+    metrics.set_sources(
+        config
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.topic.clone())),
+    );
     let reload = Arc::new(tokio::sync::Notify::new());
     if config.engine.hot_reload {
         tokio::spawn(watch_sql_files(
@@ -96,7 +102,10 @@ pub async fn run(
     }
     tokio::spawn(reload_on_sighup(reload.clone(), cancel.clone()));
     let stored = load_offsets_retrying(&sink, &config, &cancel).await?;
-    let topics: Vec<String> = config.sources.iter().map(|s| s.topic.clone()).collect();
+    if engine.reads_labels() {
+        warm_labels(&mut engine, &sink, &config).await;
+    }
+    let topics: Vec<String> = config.input_topics();
     let by_source: HashMap<(usize, i32), i64> = stored
         .iter()
         .filter_map(|((topic, p), o)| {
@@ -145,13 +154,17 @@ pub async fn run(
             }
         }
         InputKind::Simulator => {
-            let sim = Simulator::new(
+            let sim = Simulator::with_params(
                 &config.simulator,
                 &config.sources,
                 config.simulator.seed,
                 // The population's own pace: simulated time runs as fast as needed for the
                 // configured wall-clock rate, so velocity features see realistic gaps.
                 0.0,
+                crate::source::simulator::SimulatorParams {
+                    label_feedback: config.labels.enabled,
+                    ..Default::default()
+                },
             )?;
             tasks.spawn(simulate(
                 sim,
@@ -219,23 +232,31 @@ pub async fn run(
     let mut cancelled_at: Option<Instant> = None;
     let mut result = Ok(());
     'batches: while let Some(mut batch) = done_rx.recv().await {
+        let arrived = Instant::now();
         loop {
             let t = Instant::now();
             match sink.commit_dedup(&mut batch).await {
                 Ok(stats) => {
                     backoff.reset();
                     metrics.sink_time.observe(t.elapsed().as_secs_f64());
+                    metrics.commit_time.observe(arrived.elapsed().as_secs_f64());
+                    metrics.last_commit.set(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0.0, |d| d.as_secs_f64()),
+                    );
                     if let Some(opened) = batch.opened_at {
                         metrics
                             .batch_latency
                             .observe(opened.elapsed().as_secs_f64());
                     }
                     metrics.batches.inc();
+                    metrics.batch_messages.add(batch.messages as u64);
                     metrics.transactions_out.add(stats.inserted);
                     metrics.duplicates.add(stats.duplicates);
-                    metrics.dead_letters.add(batch.dead_letters.len() as u64);
                     count_decisions(&batch, &metrics);
                     for d in &batch.dead_letters {
+                        metrics.dead_letter(&d.source, &d.reason);
                         tracing::warn!(source = %d.source, topic = %d.topic, partition = d.partition,
                             offset = d.offset, reason = %d.reason, "dead letter");
                     }
@@ -309,22 +330,57 @@ async fn wait_for_topics(
 }
 
 fn count_decisions(batch: &SinkBatch, metrics: &Metrics) {
-    use datafusion::arrow::array::{Array, StringArray};
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::DataType;
     for b in &batch.transactions {
-        let Some(d) = b
-            .column_by_name(crate::engine::DECISION)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        else {
+        let text = |name: &str| {
+            let c = b.column_by_name(name)?;
+            let c = match c.data_type() {
+                DataType::Utf8 => c.clone(),
+                _ => datafusion::arrow::compute::cast(c, &DataType::Utf8).ok()?,
+            };
+            Some(c)
+        };
+        let (Some(d), Some(s)) = (text(crate::engine::DECISION), text("source")) else {
             continue;
         };
+        let (d, s) = (d.as_string::<i32>(), s.as_string::<i32>());
+        let mut counts: HashMap<(&str, &str), u64> = HashMap::new();
         for i in 0..d.len() {
-            let k = match d.value(i) {
-                "approve" => 0,
-                "review" => 1,
-                _ => 2,
-            };
-            metrics.decisions[k].inc();
+            let source = if s.is_null(i) { "" } else { s.value(i) };
+            *counts.entry((source, d.value(i))).or_default() += 1;
         }
+        for ((source, decision), n) in counts {
+            metrics.decided(source, decision, n);
+        }
+    }
+}
+
+/// Rebuild the label features' state from the stored labels (a restart must not forget the
+/// labels it had seen). A failure is logged: the labels stay stored, only their effect on the
+/// features of the next transactions is lost until they are seen again.
+async fn warm_labels(engine: &mut Engine, sink: &Sink, config: &Config) {
+    if matches!(sink, Sink::Postgres(_)) {
+        engine.set_label_lookup(sink.clone());
+    }
+    let history = config.labels.history_ms() + config.engine.lateness_ms();
+    let result = match sink.recent_labels(history).await {
+        Ok(labels) if labels.num_rows() == 0 => Ok(0),
+        Ok(labels) => engine
+            .add_labels(&labels, None)
+            .await
+            .map(|()| labels.num_rows()),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the stored labels failed");
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(n) if n > 0 => {
+            tracing::info!(labels = n, "label feedback state rebuilt from the database")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "rebuilding the label state failed"),
     }
 }
 
@@ -448,9 +504,12 @@ async fn simulate(
 ) {
     let rate = config.simulator.rate;
     let per_tick = if rate == 0 { 2000 } else { (rate / 50).max(1) };
-    let mut next_offset: Vec<i64> = (0..config.sources.len())
+    let inputs = config.input_topics().len();
+    let label_input = config.label_input();
+    let mut next_offset: Vec<i64> = (0..inputs)
         .map(|s| stored.get(&(s, 0)).copied().unwrap_or(0))
         .collect();
+    let mut label_buf = Vec::new();
     let mut produced = 0u64;
     let start = Instant::now();
     loop {
@@ -458,7 +517,7 @@ async fn simulate(
             return;
         }
         let n = max_messages.map_or(per_tick, |m| per_tick.min(m - produced));
-        let mut by_source: Vec<Vec<RawMessage>> = vec![Vec::new(); config.sources.len()];
+        let mut by_source: Vec<Vec<RawMessage>> = vec![Vec::new(); inputs];
         for _ in 0..n {
             let g = sim.next_message();
             let offset = next_offset[g.source];
@@ -470,13 +529,27 @@ async fn simulate(
                 value: Some(g.value),
                 timestamp_ms: g.event_time_ms,
             });
+            if let Some(li) = label_input {
+                label_buf.clear();
+                while let Some(l) = sim.next_label_into(&mut label_buf) {
+                    let offset = next_offset[li];
+                    next_offset[li] += 1;
+                    by_source[li].push(RawMessage {
+                        partition: 0,
+                        offset,
+                        key: Some(l.transaction_id.as_bytes().to_vec()),
+                        value: Some(std::mem::take(&mut label_buf)),
+                        timestamp_ms: l.reported_at_ms,
+                    });
+                }
+            }
         }
         produced += n;
-        metrics.messages_in.add(n);
         for (source, messages) in by_source.into_iter().enumerate() {
             if messages.is_empty() {
                 continue;
             }
+            metrics.messages_received(source, 0, messages.len() as u64);
             let chunk = Chunk {
                 source,
                 partition: 0,

@@ -169,9 +169,18 @@ pub async fn replay(
     labels: Option<&Path>,
     output: &Path,
 ) -> Result<ReplaySummary, ReplayError> {
-    let mut engine = Engine::new(config).await?;
+    // Offline every transaction of the input stays indexed, so every label can be attributed.
+    let mut offline = config.clone();
+    offline.labels.index_max = usize::MAX;
+    let mut engine = Engine::new(&offline).await?;
     let mut summary = ReplaySummary::default();
     let labels = labels.map(read_labels).transpose()?;
+    // The label feedback as a stream in report order, fed to the features point-in-time.
+    let feedback = match (&labels, engine.reads_labels()) {
+        (Some(l), true) => Some(feedback_batch(l)?),
+        _ => None,
+    };
+    let mut fed = 0usize;
     let now = Instant::now();
     // 1. Decode and map every input, remembering (source, line) to order ties.
     let mut parts: Vec<RecordBatch> = Vec::new();
@@ -267,7 +276,35 @@ pub async fn replay(
     let mut at = 0;
     while at < all.num_rows() {
         let n = step.min(all.num_rows() - at);
-        let decided = engine.decide(&all.slice(at, n)).await?;
+        let slice = all.slice(at, n);
+        if let Some(fb) = &feedback {
+            // Every label reported by the slice's newest event time; a row counts one only
+            // from its report time on, so none is seen early.
+            let newest = slice
+                .column(1)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>()
+                .and_then(|t| t.iter().flatten().max())
+                .unwrap_or(i64::MIN);
+            let reported = fb
+                .column(2)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>()
+                .expect("reported_at");
+            let upto = fed
+                + (fed..fb.num_rows())
+                    .take_while(|&i| reported.value(i) <= newest)
+                    .count();
+            if upto > fed {
+                let ids = slice
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::StringArray>();
+                engine.add_labels(&fb.slice(fed, upto - fed), ids).await?;
+                fed = upto;
+            }
+        }
+        let decided = engine.decide(&slice).await?;
         at += n;
         let decided = match &labels {
             Some(l) => with_labels(&decided, l, &mut summary)?,
@@ -305,6 +342,36 @@ pub async fn replay(
         }
     }
     Ok(summary)
+}
+
+/// The labels that carry a report time, as a label batch sorted by `reported_at` (then id).
+fn feedback_batch(labels: &HashMap<String, Label>) -> Result<RecordBatch, ReplayError> {
+    let mut rows: Vec<(&String, &Label, i64)> = labels
+        .iter()
+        .filter_map(|(id, l)| l.reported_at.map(|t| (id, l, t)))
+        .collect();
+    rows.sort_by(|a, b| (a.2, a.0).cmp(&(b.2, b.0)));
+    let schema = crate::engine::labels::label_schema();
+    let n = rows.len();
+    let mut columns: Vec<datafusion::arrow::array::ArrayRef> = vec![
+        Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+            rows.iter().map(|r| r.0.as_str()),
+        )),
+        Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+            rows.iter()
+                .map(|r| if r.1.fraud { "fraud" } else { "genuine" }),
+        )),
+        Arc::new(
+            datafusion::arrow::array::TimestampMillisecondArray::from_iter_values(
+                rows.iter().map(|r| r.2),
+            )
+            .with_timezone("UTC"),
+        ),
+    ];
+    for f in schema.fields().iter().skip(3) {
+        columns.push(datafusion::arrow::array::new_null_array(f.data_type(), n));
+    }
+    RecordBatch::try_new(schema, columns).map_err(|e| ReplayError::Data(e.to_string()))
 }
 
 fn with_labels(

@@ -19,7 +19,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::util::display::array_value_to_string;
 use payguard::engine::aggregates::Merge;
 use payguard::engine::canonical;
-use payguard::engine::features::FeatureStage;
+use payguard::engine::features::{FeatureLimits, FeatureStage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -119,9 +119,18 @@ FROM transactions";
 async fn stage(dir: &Path) -> FeatureStage {
     let file = dir.join("features.sql");
     std::fs::write(&file, FEATURES).unwrap();
-    FeatureStage::compile(&file, HISTORY_MS, LATENESS_MS, 1_000_000)
-        .await
-        .unwrap()
+    FeatureStage::compile(
+        &file,
+        &FeatureLimits {
+            history_ms: HISTORY_MS,
+            lateness_ms: LATENESS_MS,
+            max_entities: 1_000_000,
+            label_history_ms: HISTORY_MS,
+            label_index_max: 1_000_000,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// Expected value of one feature for row `i`, by brute force.

@@ -42,6 +42,10 @@ pub struct Config {
     /// Built-in payment simulator settings (`generate`, and the `simulator` input of `demo`).
     #[serde(default)]
     pub simulator: SimulatorConfig,
+    /// Label feedback (chargebacks, fraud reports, analyst verdicts): stored, and read by
+    /// `fraud_labels(*)` / `known_labels(*)` in `features.sql`.
+    #[serde(default)]
+    pub labels: LabelsConfig,
     /// Payment sources: one per message shape / Kafka topic, each mapped to the canonical
     /// transaction by its own SQL file.
     #[serde(default)]
@@ -382,6 +386,62 @@ impl Default for SimulatorConfig {
     }
 }
 
+/// `[labels]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsConfig {
+    /// Consume label messages (from `topic` with the Kafka input; simulated with the simulator
+    /// input), store them in `labels` and feed them to the label features.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Kafka topic of the label messages (`generate --labels` writes to it).
+    #[serde(default = "default_labels_topic")]
+    pub topic: String,
+    /// Partitions to create when `generate --create-topics` creates the topic.
+    #[serde(default = "default_label_partitions")]
+    pub partitions: i32,
+    /// The longest frame a label window (`fraud_labels(*)`, `known_labels(*)`) may use, e.g.
+    /// `"90 days"`. Only labels are kept that long, not transactions.
+    #[serde(default = "default_label_history")]
+    pub history: String,
+    /// Recent transactions indexed (id, event time, entity keys) to attribute a label to its
+    /// transaction's entities without a database lookup; older ones are looked up.
+    #[serde(default = "default_label_index")]
+    pub index_max: usize,
+}
+
+fn default_labels_topic() -> String {
+    "payguard.labels".into()
+}
+fn default_label_partitions() -> i32 {
+    1
+}
+fn default_label_history() -> String {
+    "90 days".into()
+}
+fn default_label_index() -> usize {
+    2_000_000
+}
+
+impl Default for LabelsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: default_labels_topic(),
+            partitions: default_label_partitions(),
+            history: default_label_history(),
+            index_max: default_label_index(),
+        }
+    }
+}
+
+impl LabelsConfig {
+    /// `history` in milliseconds (validated at load).
+    pub fn history_ms(&self) -> i64 {
+        crate::engine::windows::parse_duration_ms(&self.history).unwrap_or(90 * 86_400_000)
+    }
+}
+
 /// `[[sources]]`: one payment source.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -420,6 +480,21 @@ pub struct FieldConfig {
 }
 
 impl Config {
+    /// Topics the pipeline consumes, by input index: every source's, then the labels topic when
+    /// label feedback is enabled (index [`Config::label_input`]).
+    pub fn input_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.sources.iter().map(|s| s.topic.clone()).collect();
+        if self.labels.enabled {
+            topics.push(self.labels.topic.clone());
+        }
+        topics
+    }
+
+    /// Input index of the label messages, when enabled.
+    pub fn label_input(&self) -> Option<usize> {
+        self.labels.enabled.then_some(self.sources.len())
+    }
+
     /// The configured source names, comma-separated (for messages).
     pub fn source_names(&self) -> String {
         self.sources

@@ -282,6 +282,7 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         ("engine.allowed_lateness", &e.allowed_lateness),
         ("engine.idle_partition_timeout", &e.idle_partition_timeout),
         ("engine.max_future", &e.max_future),
+        ("labels.history", &config.labels.history),
     ] {
         if crate::engine::windows::parse_duration_ms(value).is_none_or(|ms| ms <= 0) {
             err(
@@ -306,6 +307,23 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         err(
             "engine.aggregates".into(),
             format!("directory {} does not exist", agg.display()),
+        );
+    }
+    if config.labels.index_max == 0 {
+        err("labels.index_max".into(), "must be at least 1".into());
+    }
+    if config.labels.enabled
+        && config
+            .sources
+            .iter()
+            .any(|s| s.topic == config.labels.topic)
+    {
+        err(
+            "labels.topic".into(),
+            format!(
+                "topic \"{}\" is also a source's topic; labels need their own",
+                config.labels.topic
+            ),
         );
     }
     if e.max_entities == 0 {

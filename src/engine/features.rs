@@ -16,6 +16,7 @@ use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 
 use super::EngineError;
 use super::canonical;
+use super::labels::{LabelStats, LabelStore};
 use super::sql::CompiledQuery;
 use super::state::{self, ArgKind, StateStats, WindowInput, WindowState};
 use super::windows::{FeaturePlan, WindowCall};
@@ -26,26 +27,60 @@ pub struct FeatureStage {
     plan: FeaturePlan,
     pre: CompiledQuery,
     post: CompiledQuery,
+    /// Row-history calls (indices into the plan's calls) and the calls themselves.
+    hist: Vec<usize>,
+    hist_calls: Vec<WindowCall>,
     state: WindowState,
+    labels: LabelStore,
     /// Schema of the feature columns (without `transaction_id`).
     features: SchemaRef,
 }
 
+/// How much state the feature stage may keep.
+#[derive(Debug, Clone, Copy)]
+pub struct FeatureLimits {
+    /// Longest row-history frame (`engine.history`).
+    pub history_ms: i64,
+    /// Allowed lateness (`engine.allowed_lateness`).
+    pub lateness_ms: i64,
+    /// Entities per key (`engine.max_entities`).
+    pub max_entities: usize,
+    /// Longest label frame (`labels.history`).
+    pub label_history_ms: i64,
+    /// Recent transactions indexed for label attribution (`labels.index_max`).
+    pub label_index_max: usize,
+}
+
+impl FeatureLimits {
+    /// The limits of a configuration.
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self {
+            history_ms: config.engine.history_ms(),
+            lateness_ms: config.engine.lateness_ms(),
+            max_entities: config.engine.max_entities,
+            label_history_ms: config.labels.history_ms(),
+            label_index_max: config.labels.index_max,
+        }
+    }
+}
+
 impl FeatureStage {
     /// Compile `file`.
-    pub async fn compile(
-        file: &Path,
-        history_ms: i64,
-        lateness_ms: i64,
-        max_entities: usize,
-    ) -> Result<Self, EngineError> {
+    pub async fn compile(file: &Path, limits: &FeatureLimits) -> Result<Self, EngineError> {
+        let FeatureLimits {
+            history_ms,
+            lateness_ms,
+            max_entities,
+            label_history_ms,
+            label_index_max,
+        } = *limits;
         let sql = std::fs::read_to_string(file).map_err(|source| {
             EngineError::Sql(super::sql::SqlError::Read {
                 file: file.to_path_buf(),
                 source,
             })
         })?;
-        let plan = FeaturePlan::plan(file, &sql, history_ms)?;
+        let plan = FeaturePlan::plan(file, &sql, history_ms, label_history_ms)?;
         let canonical = canonical::schema();
         let pre =
             CompiledQuery::compile(file, &plan.pre_sql, "transactions", canonical.clone()).await?;
@@ -116,19 +151,33 @@ impl FeatureStage {
         let features = Arc::new(Schema::new(
             out.fields().iter().skip(1).cloned().collect::<Vec<_>>(),
         ));
+        let hist: Vec<usize> = (0..plan.calls.len())
+            .filter(|&i| !plan.calls[i].func.is_label())
+            .collect();
+        let hist_calls: Vec<WindowCall> = hist.iter().map(|&i| plan.calls[i].clone()).collect();
         let state = WindowState::new(
-            plan.calls.clone(),
-            kinds,
-            &plan.call_key,
+            hist_calls.clone(),
+            hist.iter().map(|&i| kinds[i]).collect(),
+            &hist.iter().map(|&i| plan.call_key[i]).collect::<Vec<_>>(),
             plan.keys.len(),
             lateness_ms,
             max_entities,
+        );
+        let labels = LabelStore::new(
+            &plan.calls,
+            &plan.call_key,
+            plan.keys.len(),
+            label_index_max,
+            lateness_ms,
         );
         Ok(Self {
             plan,
             pre,
             post,
+            hist,
+            hist_calls,
             state,
+            labels,
             features,
         })
     }
@@ -152,39 +201,86 @@ impl FeatureStage {
     pub fn adopt_state(&mut self, previous: FeatureStage) -> bool {
         if previous.plan.calls == self.plan.calls && previous.plan.keys == self.plan.keys {
             self.state = previous.state;
+            self.labels = previous.labels;
             true
         } else {
+            if previous.plan.keys == self.plan.keys {
+                self.labels.adopt(previous.labels);
+            }
             false
         }
     }
 
-    /// State statistics.
-    pub fn stats(&self) -> StateStats {
-        self.state.stats()
+    /// Whether `features.sql` reads label feedback.
+    pub fn reads_labels(&self) -> bool {
+        self.labels.is_active()
     }
 
-    /// Evict idle entities given the watermark.
-    pub fn evict(&mut self, watermark_ms: i64) {
-        self.state.evict(watermark_ms);
+    /// Queue decoded labels; they are attributed before the next batch's features.
+    pub fn queue_labels(&mut self, labels: &RecordBatch) -> Result<(), EngineError> {
+        self.labels
+            .queue(labels)
+            .map_err(|source| EngineError::Arrow {
+                file: self.plan.file.clone(),
+                source,
+            })
     }
 
-    /// Compute features for canonical rows (one batch, in arrival order). Returns the feature
-    /// columns (without `transaction_id`), row-aligned with the input.
-    pub async fn process(&mut self, canonical: &RecordBatch) -> Result<RecordBatch, EngineError> {
-        let file = self.plan.file.clone();
+    /// Ids of queued labels whose transaction is neither indexed nor among `batch_ids`.
+    pub fn unresolved_labels(&self, batch_ids: Option<&StringArray>) -> Vec<String> {
+        self.labels.unresolved(batch_ids)
+    }
+
+    /// Index earlier transactions (canonical rows, e.g. looked up in the database) so queued
+    /// labels of theirs can be attributed.
+    pub async fn index_transactions(&mut self, canonical: &RecordBatch) -> Result<(), EngineError> {
+        if !self.labels.is_active() || canonical.num_rows() == 0 {
+            return Ok(());
+        }
+        let (time, keys, _) = self.pre_columns(canonical).await?;
+        self.index_rows(canonical, &time, &keys)
+    }
+
+    /// Label statistics.
+    pub fn label_stats(&self) -> LabelStats {
+        self.labels.stats()
+    }
+
+    fn index_rows(
+        &mut self,
+        canonical: &RecordBatch,
+        time: &TimestampMillisecondArray,
+        keys: &[ArrayRef],
+    ) -> Result<(), EngineError> {
+        let ids = canonical
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| contract(&self.plan.file, "transaction_id is not text".into()))?;
+        self.labels
+            .index(ids, time, keys)
+            .map_err(|source| EngineError::Arrow {
+                file: self.plan.file.clone(),
+                source,
+            })
+    }
+
+    /// The pre query's event times, keys and arguments for canonical rows.
+    async fn pre_columns(&self, canonical: &RecordBatch) -> Result<PreColumns, EngineError> {
+        let file = &self.plan.file;
         let n = canonical.num_rows();
         let pre = self.pre.execute(vec![canonical.clone()]).await?;
-        let pre = concat_or_empty(&self.pre.schema(), &pre, &file)?;
+        let pre = concat_or_empty(&self.pre.schema(), &pre, file)?;
         if pre.num_rows() != n {
             return Err(contract(
-                &file,
+                file,
                 format!("pre query returned {} rows for {n}", pre.num_rows()),
             ));
         }
         let time = pre
             .column_by_name("__t")
             .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
-            .ok_or_else(|| contract(&file, "event_time is not a millisecond timestamp".into()))?
+            .ok_or_else(|| contract(file, "event_time is not a millisecond timestamp".into()))?
             .clone();
         let keys: Vec<ArrayRef> = (0..self.plan.keys.len())
             .map(|j| {
@@ -196,23 +292,57 @@ impl FeatureStage {
         let args: Vec<Option<ArrayRef>> = (0..self.plan.calls.len())
             .map(|i| pre.column_by_name(&format!("__a{i}")).cloned())
             .collect();
-        let mut windows = self
+        Ok((time, keys, args))
+    }
+
+    /// State statistics.
+    pub fn stats(&self) -> StateStats {
+        self.state.stats()
+    }
+
+    /// Evict idle entities given the watermark.
+    pub fn evict(&mut self, watermark_ms: i64) {
+        self.state.evict(watermark_ms);
+        self.labels.evict(watermark_ms);
+    }
+
+    /// Compute features for canonical rows (one batch, in arrival order). Returns the feature
+    /// columns (without `transaction_id`), row-aligned with the input.
+    pub async fn process(&mut self, canonical: &RecordBatch) -> Result<RecordBatch, EngineError> {
+        let file = self.plan.file.clone();
+        let n = canonical.num_rows();
+        let (time, keys, args) = self.pre_columns(canonical).await?;
+        let arrow = |source| EngineError::Arrow {
+            file: file.clone(),
+            source,
+        };
+        // Labels first: this batch's transactions are indexed so that labels of theirs in the
+        // same batch are attributed; a label only counts for rows at or after its report time.
+        if self.labels.is_active() {
+            self.index_rows(canonical, &time, &keys)?;
+            self.labels.resolve();
+        }
+        let mut hist = self
             .state
             .process(&WindowInput {
                 time: &time,
-                keys,
-                args,
+                keys: keys.clone(),
+                args: self.hist.iter().map(|&i| args[i].clone()).collect(),
             })
-            .map_err(|source| EngineError::Arrow {
-                file: file.clone(),
-                source,
-            })?;
-        state::rescale_averages(&mut windows, &self.plan.calls, self.state.kinds()).map_err(
-            |source| EngineError::Arrow {
-                file: file.clone(),
-                source,
-            },
-        )?;
+            .map_err(arrow)?;
+        state::rescale_averages(&mut hist, &self.hist_calls, self.state.kinds()).map_err(arrow)?;
+        let labelled = self.labels.evaluate(&time, &keys).map_err(arrow)?;
+        let mut slots: Vec<Option<ArrayRef>> = vec![None; self.plan.calls.len()];
+        for (&i, col) in self.hist.iter().zip(hist) {
+            slots[i] = Some(col);
+        }
+        for (i, col) in self.labels.call_indices().zip(labelled) {
+            slots[i] = Some(col);
+        }
+        let windows: Vec<ArrayRef> = slots
+            .into_iter()
+            .map(|c| c.expect("every call evaluated"))
+            .collect();
         let with_windows =
             state::append_columns(canonical, windows).map_err(|source| EngineError::Arrow {
                 file: file.clone(),
@@ -251,6 +381,13 @@ impl FeatureStage {
         Ok(features)
     }
 }
+
+/// Event times, keys and arguments of the pre query.
+type PreColumns = (
+    TimestampMillisecondArray,
+    Vec<ArrayRef>,
+    Vec<Option<ArrayRef>>,
+);
 
 fn describe(call: &WindowCall) -> String {
     format!("{:?}({})", call.func, call.arg.as_deref().unwrap_or("*")).to_lowercase()

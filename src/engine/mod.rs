@@ -10,6 +10,7 @@
 pub mod aggregates;
 pub mod canonical;
 pub mod features;
+pub mod labels;
 pub mod rules;
 pub mod sql;
 pub mod state;
@@ -34,7 +35,7 @@ use crate::sink::SinkBatch;
 use crate::source::Batch;
 use aggregates::AggregateStage;
 use canonical::Conformer;
-use features::FeatureStage;
+use features::{FeatureLimits, FeatureStage};
 use rules::RuleStage;
 use sql::{CompiledQuery, SqlError};
 use watermark::Watermark;
@@ -111,6 +112,10 @@ pub struct Engine {
     decided_schema: SchemaRef,
     watermark: Watermark,
     max_future_ms: i64,
+    /// Decoder of label messages and their input index (when `labels.enabled`).
+    label_input: Option<(usize, JsonDecoder)>,
+    /// Where labels of transactions older than the label index are looked up.
+    lookup: Option<crate::sink::Sink>,
 }
 
 /// Column names the engine adds after the features.
@@ -134,13 +139,8 @@ impl Engine {
             }
         }
         let e = &config.engine;
-        let features = FeatureStage::compile(
-            &config.resolve(&e.features),
-            e.history_ms(),
-            e.lateness_ms(),
-            e.max_entities,
-        )
-        .await;
+        let features =
+            FeatureStage::compile(&config.resolve(&e.features), &FeatureLimits::of(config)).await;
         let (features, rules, aggregates, decided_schema) = match features {
             Err(err) => {
                 errors.push(err);
@@ -202,7 +202,130 @@ impl Engine {
             decided_schema: decided_schema.expect("no errors"),
             watermark: Watermark::new(e.lateness_ms(), e.idle_partition_ms()),
             max_future_ms: e.max_future_ms(),
+            label_input: match config.label_input() {
+                Some(i) => Some((
+                    i,
+                    JsonDecoder::new(
+                        &labels::label_source(&config.labels.topic),
+                        config.kafka.max_message_bytes,
+                    )?,
+                )),
+                None => None,
+            },
+            lookup: None,
         })
+    }
+
+    /// Look labelled transactions that left the label index up in `sink` (the database).
+    pub fn set_label_lookup(&mut self, sink: crate::sink::Sink) {
+        self.lookup = Some(sink);
+    }
+
+    /// Whether `features.sql` reads label feedback (`fraud_labels(*)`, `known_labels(*)`).
+    pub fn reads_labels(&self) -> bool {
+        self.features.reads_labels()
+    }
+
+    /// Label statistics.
+    pub fn label_stats(&self) -> labels::LabelStats {
+        self.features.label_stats()
+    }
+
+    /// Add label feedback (schema [`labels::label_schema`]): attributed before the next rows'
+    /// features, counted only by rows at or after each label's `reported_at`. Labels whose
+    /// transaction is no longer indexed are looked up through [`Engine::set_label_lookup`].
+    pub async fn add_labels(
+        &mut self,
+        labels: &RecordBatch,
+        batch_ids: Option<&StringArray>,
+    ) -> Result<(), EngineError> {
+        self.features.queue_labels(labels)?;
+        let missing = self.features.unresolved_labels(batch_ids);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if let Some(sink) = &self.lookup {
+            match sink.lookup_canonical(&missing).await {
+                Ok(rows) => self.features.index_transactions(&rows).await?,
+                // The labels are stored anyway; only their feature effect is lost.
+                Err(e) => tracing::warn!(error = %e, labels = missing.len(),
+                    "looking up labelled transactions failed; these labels are not attributed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode label messages: valid labels, and dead letters for the rest.
+    fn decode_labels(
+        &self,
+        decoder: &JsonDecoder,
+        msgs: &[crate::decode::RawMessage],
+    ) -> Result<(RecordBatch, Vec<DeadLetter>), EngineError> {
+        let decoded = decoder.decode(msgs)?;
+        let mut dead = decoded.dead_letters;
+        let b = decoded.batch;
+        let schema = labels::label_schema();
+        let file = PathBuf::from("<labels>");
+        let arrow = |source| EngineError::Arrow {
+            file: file.clone(),
+            source,
+        };
+        let kinds = b
+            .column_by_name("label")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .cloned();
+        let parts = b
+            .column_by_name(crate::decode::PARTITION_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+            .cloned();
+        let offsets = b
+            .column_by_name(crate::decode::OFFSET_COLUMN)
+            .and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+            })
+            .cloned();
+        let mut keep = Vec::with_capacity(b.num_rows());
+        for r in 0..b.num_rows() {
+            let value = kinds.as_ref().filter(|k| !k.is_null(r)).map(|k| k.value(r));
+            let ok = value.and_then(labels::is_fraud).is_some();
+            if !ok {
+                let (p, o) = (
+                    parts.as_ref().map_or(-1, |p| p.value(r)),
+                    offsets.as_ref().map_or(-1, |o| o.value(r)),
+                );
+                let raw = msgs
+                    .iter()
+                    .find(|m| m.partition == p && m.offset == o)
+                    .and_then(|m| m.value.clone())
+                    .unwrap_or_default();
+                dead.push(DeadLetter {
+                    source: labels::LABEL_SOURCE.into(),
+                    topic: decoder.topic().to_string(),
+                    partition: p,
+                    offset: o,
+                    raw,
+                    reason: format!(
+                        "label {:?} is neither \"fraud\" nor \"genuine\"",
+                        value.unwrap_or("")
+                    ),
+                });
+            }
+            keep.push(ok);
+        }
+        let keep = datafusion::arrow::array::BooleanArray::from(keep);
+        let kept = datafusion::arrow::compute::filter_record_batch(&b, &keep).map_err(arrow)?;
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let c = kept.column_by_name(f.name()).expect("label field decoded");
+                datafusion::arrow::compute::cast(c, f.data_type())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(arrow)?;
+        let out = RecordBatch::try_new(schema, columns).map_err(arrow)?;
+        Ok((out, dead))
     }
 
     /// Compile the SQL files again and, if all compile, swap them in (keeping the window state
@@ -259,15 +382,28 @@ impl Engine {
         let mut canonical: Vec<RecordBatch> = Vec::new();
         let mut dead_letters: Vec<DeadLetter> = Vec::new();
         let mut messages = 0;
+        let mut label_batches = Vec::new();
+        let decode_started = Instant::now();
         for (source_idx, msgs) in batch.messages.into_iter().enumerate() {
             if msgs.is_empty() {
                 continue;
             }
             messages += msgs.len();
+            if let Some((_, decoder)) = self.label_input.as_ref().filter(|l| l.0 == source_idx) {
+                let (labels, dead) = self.decode_labels(decoder, &msgs)?;
+                dead_letters.extend(dead);
+                if labels.num_rows() > 0 {
+                    label_batches.push(labels);
+                }
+                continue;
+            }
             let (rows, dead) = self.canonicalize(source_idx, &msgs, wall_ms, now).await?;
             canonical.extend(rows);
             dead_letters.extend(dead);
         }
+        metrics
+            .decode_time
+            .observe(decode_started.elapsed().as_secs_f64());
         let watermark = self.watermark.advance(now);
         let schema = canonical::schema();
         let canonical =
@@ -275,6 +411,21 @@ impl Engine {
                 file: PathBuf::from("<canonical>"),
                 source,
             })?;
+        let labels = if label_batches.is_empty() {
+            None
+        } else {
+            let all =
+                concat_batches(&labels::label_schema(), &label_batches).map_err(|source| {
+                    EngineError::Arrow {
+                        file: PathBuf::from("<labels>"),
+                        source,
+                    }
+                })?;
+            let ids = canonical.column(0).as_any().downcast_ref::<StringArray>();
+            self.add_labels(&all, ids).await?;
+            metrics.labels_in.add(all.num_rows() as u64);
+            Some(all)
+        };
         let mut transactions = Vec::new();
         let mut partials = Vec::new();
         if canonical.num_rows() > 0 {
@@ -304,6 +455,7 @@ impl Engine {
             aggregates: partials,
             aggregate_stages: self.aggregates.clone(),
             dead_letters,
+            labels,
             offsets: batch.offsets,
             opened_at: batch.opened_at,
         })

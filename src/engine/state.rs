@@ -85,7 +85,11 @@ impl ArgKind {
 /// Output type of a call.
 pub fn output_type(func: WindowFunc, kind: ArgKind) -> DataType {
     match func {
-        WindowFunc::CountStar | WindowFunc::Count | WindowFunc::CountDistinct => DataType::Int64,
+        WindowFunc::CountStar
+        | WindowFunc::Count
+        | WindowFunc::CountDistinct
+        | WindowFunc::FraudLabels
+        | WindowFunc::KnownLabels => DataType::Int64,
         WindowFunc::Avg => DataType::Float64,
         WindowFunc::Sum | WindowFunc::Min | WindowFunc::Max | WindowFunc::Lag => match kind {
             ArgKind::Int | ArgKind::None => DataType::Int64,
@@ -315,6 +319,9 @@ impl Series {
             WindowFunc::Min => min.map_or(Out::Null, |v| Out::from_val(&v)),
             WindowFunc::Max => max.map_or(Out::Null, |v| Out::from_val(&v)),
             WindowFunc::Lag => unreachable!("handled above"),
+            WindowFunc::FraudLabels | WindowFunc::KnownLabels => {
+                unreachable!("label calls are evaluated by the label store")
+            }
         }
     }
 }
@@ -499,6 +506,9 @@ impl WindowState {
                 Some(input.time.value(row))
             };
             for (g, ks) in self.keys.iter_mut().enumerate() {
+                if ks.calls.is_empty() {
+                    continue;
+                }
                 let key = keys[g];
                 let (Some(t), false) = (t, key.is_null(row)) else {
                     for &c in &ks.calls {

@@ -49,6 +49,20 @@ pub enum WindowFunc {
     Max,
     /// `lag(x)`: the previous row's value.
     Lag,
+    /// `fraud_labels(*)`: transactions of the entity in the frame known as fraud by the row's own
+    /// event time (a label counts once its `reported_at` is at or before it). Evaluated from the
+    /// label feedback ([`super::labels`]), not from the row history.
+    FraudLabels,
+    /// `known_labels(*)`: transactions of the entity in the frame with any label (fraud or
+    /// genuine) known by the row's own event time.
+    KnownLabels,
+}
+
+impl WindowFunc {
+    /// Whether the call reads the label feedback rather than the row history.
+    pub fn is_label(self) -> bool {
+        matches!(self, Self::FraudLabels | Self::KnownLabels)
+    }
 }
 
 /// One window function call of the query.
@@ -80,8 +94,10 @@ pub struct FeaturePlan {
     pub pre_sql: String,
     /// The user's query with window calls replaced by `__w<i>` columns.
     pub post_sql: String,
-    /// The longest frame in use (ms).
+    /// The longest frame of the row-history calls (ms).
     pub longest_range_ms: i64,
+    /// The longest frame of the label calls (ms).
+    pub longest_label_ms: i64,
 }
 
 /// A problem in `features.sql`, with its line.
@@ -101,8 +117,14 @@ pub const ORDER_COLUMN: &str = "event_time";
 
 impl FeaturePlan {
     /// Plan `sql`. `history_ms` is the declared history (`engine.history`); a frame longer than it
-    /// is an error, and `lag` looks back at most that far.
-    pub fn plan(file: &Path, sql: &str, history_ms: i64) -> Result<Self, WindowPlanError> {
+    /// is an error, and `lag` looks back at most that far. Label calls (`fraud_labels(*)`,
+    /// `known_labels(*)`) may reach back `label_history_ms` (`labels.history`).
+    pub fn plan(
+        file: &Path,
+        sql: &str,
+        history_ms: i64,
+        label_history_ms: i64,
+    ) -> Result<Self, WindowPlanError> {
         let err = |line: Option<usize>, message: String| WindowPlanError {
             file: file.to_path_buf(),
             line,
@@ -183,9 +205,14 @@ impl FeaturePlan {
                 ("min", false, true) => WindowFunc::Min,
                 ("max", false, true) => WindowFunc::Max,
                 ("lag", false, true) => WindowFunc::Lag,
+                ("fraud_labels", false, false) => WindowFunc::FraudLabels,
+                ("known_labels", false, false) => WindowFunc::KnownLabels,
+                ("fraud_labels" | "known_labels", _, _) => {
+                    return fail(format!("{name} takes no argument: write {name}(*)"));
+                }
                 _ => {
                     return fail(format!(
-                        "window function {name}{} is not supported; use count(*), count(x), count(DISTINCT x), sum, avg, min, max or lag(x)",
+                        "window function {name}{} is not supported; use count(*), count(x), count(DISTINCT x), sum, avg, min, max, lag(x), fraud_labels(*) or known_labels(*)",
                         if distinct { " DISTINCT" } else { "" }
                     ));
                 }
@@ -245,7 +272,14 @@ impl FeaturePlan {
                     }
                     _ => return fail(format!("{name}: the frame must start at INTERVAL '…' PRECEDING")),
                 };
-                if ms > history_ms {
+                if func.is_label() && ms > label_history_ms {
+                    return fail(format!(
+                        "{name}: frame of {} exceeds the kept label history labels.history = {}; raise labels.history or shorten the frame",
+                        human_ms(ms),
+                        human_ms(label_history_ms)
+                    ));
+                }
+                if !func.is_label() && ms > history_ms {
                     return fail(format!(
                         "{name}: frame of {} exceeds the kept history engine.history = {}; raise engine.history or shorten the frame",
                         human_ms(ms),
@@ -290,7 +324,7 @@ impl FeaturePlan {
             pre.push(format!("CAST({k} AS VARCHAR) AS __k{j}"));
         }
         for (i, c) in order.iter().enumerate() {
-            if let Some(a) = &c.arg {
+            if let Some(a) = c.arg.as_ref().filter(|_| !c.func.is_label()) {
                 let a = if c.func == WindowFunc::CountDistinct {
                     format!("CAST({a} AS VARCHAR)")
                 } else {
@@ -300,7 +334,15 @@ impl FeaturePlan {
             }
         }
         let pre_sql = format!("SELECT {} FROM transactions", pre.join(", "));
-        let longest_range_ms = order.iter().map(|c| c.range_ms).max().unwrap_or(0);
+        let longest = |label: bool| {
+            order
+                .iter()
+                .filter(|c| c.func.is_label() == label)
+                .map(|c| c.range_ms)
+                .max()
+                .unwrap_or(0)
+        };
+        let (longest_range_ms, longest_label_ms) = (longest(false), longest(true));
         Ok(Self {
             file: file.to_path_buf(),
             calls: order,
@@ -309,6 +351,7 @@ impl FeaturePlan {
             pre_sql,
             post_sql: statements[0].to_string(),
             longest_range_ms,
+            longest_label_ms,
         })
     }
 }
@@ -402,7 +445,7 @@ mod tests {
             CAST(event_time AS BIGINT) - CAST(lag(event_time) OVER (PARTITION BY card_id ORDER BY event_time) AS BIGINT) AS gap,\n\
             count(*) OVER (PARTITION BY card_id ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) + 1 AS again\n\
             FROM transactions";
-        let p = FeaturePlan::plan(Path::new("f.sql"), sql, WEEK).unwrap();
+        let p = FeaturePlan::plan(Path::new("f.sql"), sql, WEEK, 4 * WEEK).unwrap();
         assert_eq!(p.calls.len(), 4, "the repeated call is planned once");
         assert_eq!(p.keys, vec!["card_id", "customer_id"]);
         assert_eq!(p.call_key, vec![0, 1, 0, 0]);
@@ -457,7 +500,7 @@ mod tests {
             ),
         ];
         for (sql, line, what) in cases {
-            let e = FeaturePlan::plan(Path::new("f.sql"), sql, WEEK).unwrap_err();
+            let e = FeaturePlan::plan(Path::new("f.sql"), sql, WEEK, 4 * WEEK).unwrap_err();
             assert_eq!(e.line, Some(line), "{e}");
             assert!(e.message.contains(what), "{e}");
         }

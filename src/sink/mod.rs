@@ -6,6 +6,7 @@
 //! - [`memory`]: an in-process store for the demo and tests, with the same offset semantics.
 
 pub mod copy;
+mod labels;
 pub mod memory;
 pub mod postgres;
 
@@ -99,6 +100,8 @@ pub struct SinkBatch {
     pub aggregate_stages: std::sync::Arc<Vec<crate::engine::aggregates::AggregateStage>>,
     /// Messages that could not be processed.
     pub dead_letters: Vec<DeadLetter>,
+    /// Label feedback received in this batch (schema `engine::labels::label_schema`).
+    pub labels: Option<RecordBatch>,
     /// Offsets to store with the rows.
     pub offsets: Vec<OffsetCommit>,
     /// When the batch's first message arrived.
@@ -185,6 +188,24 @@ impl Sink {
         match self {
             Self::Postgres(s) => s.load_offsets().await,
             Self::Memory(s) => Ok(s.load_offsets()),
+        }
+    }
+
+    /// Canonical rows of stored transactions with these ids (labelled transactions the engine
+    /// no longer indexes). The memory store keeps none.
+    pub async fn lookup_canonical(&self, ids: &[String]) -> Result<RecordBatch, SinkError> {
+        match self {
+            Self::Postgres(s) => labels::lookup_canonical(s.pool(), ids).await,
+            Self::Memory(_) => Ok(RecordBatch::new_empty(crate::engine::canonical::schema())),
+        }
+    }
+
+    /// Stored labels a label feature of `history_ms` can still count (to rebuild the label
+    /// state at start). The memory store keeps none.
+    pub async fn recent_labels(&self, history_ms: i64) -> Result<RecordBatch, SinkError> {
+        match self {
+            Self::Postgres(s) => labels::recent(s.pool(), history_ms).await,
+            Self::Memory(_) => Ok(RecordBatch::new_empty(crate::engine::labels::label_schema())),
         }
     }
 

@@ -205,6 +205,9 @@ impl PgSink {
             };
             self.merge_aggregate(&mut tx, stage, partials).await?;
         }
+        if let Some(labels) = &batch.labels {
+            super::labels::write(&mut tx, labels).await?;
+        }
         let t_aggregates = t0.elapsed();
         if !batch.dead_letters.is_empty() {
             let d = &batch.dead_letters;

@@ -244,15 +244,20 @@ pub async fn fetch_partition(
     };
     backoff.reset();
     tracing::info!(partition = %label, offset, stop_at = ?a.stop_at, "consuming");
+    let source_name = metrics.source_name(a.source);
     loop {
         if a.stop_at.is_some_and(|s| offset >= s) {
             tracing::info!(partition = %label, offset, "reached the end offset");
             return;
         }
+        let fetch_started = std::time::Instant::now();
         let fetched = tokio::select! {
             r = pc.fetch_records(offset, 1..cfg.fetch_max_bytes, cfg.fetch_max_wait_ms) => r,
             _ = cancel.cancelled() => return,
         };
+        metrics
+            .fetch_time
+            .observe(&[&source_name], fetch_started.elapsed().as_secs_f64());
         match fetched {
             Ok((records, high_watermark)) => {
                 backoff.reset();
@@ -275,7 +280,7 @@ pub async fn fetch_partition(
                     Some(s) => next_offset.min(s),
                     None => next_offset,
                 };
-                metrics.messages_in.add(messages.len() as u64);
+                metrics.messages_received(a.source, a.partition, messages.len() as u64);
                 let chunk = Chunk {
                     source: a.source,
                     partition: a.partition,

@@ -124,6 +124,14 @@ impl TestEnv {
             .as_table_mut()
             .unwrap()
             .insert("brokers".into(), toml::Value::Array(vec![brokers.into()]));
+        // Label feedback off unless a test turns it on, on a topic of the test's own.
+        let labels = t
+            .entry("labels")
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .unwrap();
+        labels.insert("enabled".into(), false.into());
+        labels.insert("topic".into(), format!("{topic}.labels").into());
         tweak(&mut t);
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
@@ -287,14 +295,26 @@ impl TestEnv {
 
     /// Produce raw messages to one partition with kcat.
     pub fn kcat_produce(&self, partition: i32, messages: &[&[u8]]) {
+        kcat_produce_on(&self.brokers, &self.topic, partition, messages);
+    }
+}
+
+/// Produce raw messages to one partition of `topic` of the shared broker with kcat.
+pub fn kcat_produce_to(topic: &str, partition: i32, messages: &[&[u8]]) {
+    kcat_produce_on(&brokers(), topic, partition, messages);
+}
+
+/// Produce raw messages to one partition of `topic` on `brokers` with kcat.
+pub fn kcat_produce_on(brokers: &str, topic: &str, partition: i32, messages: &[&[u8]]) {
+    {
         use std::io::Write;
         let mut child = Command::new("kcat")
             .args([
                 "-P",
                 "-b",
-                &self.brokers,
+                brokers,
                 "-t",
-                &self.topic,
+                topic,
                 "-p",
                 &partition.to_string(),
                 "-D",
@@ -311,7 +331,9 @@ impl TestEnv {
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
     }
+}
 
+impl TestEnv {
     /// Wait until `cond` holds, polling; panics after `timeout`.
     pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut cond: F)
     where
