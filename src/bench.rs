@@ -27,6 +27,18 @@ pub enum BenchError {
     /// The simulator failed.
     #[error(transparent)]
     Simulator(#[from] crate::source::simulator::SimulatorError),
+    /// The database failed.
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+    /// The pipeline failed.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    /// A statement of the benchmark failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Setting up a benchmark failed (database, topics, psql, kcat).
+    #[error("setup: {0}")]
+    Setup(String),
 }
 
 /// Results of the engine benchmark.
@@ -372,4 +384,362 @@ pub fn model_report(b: &ModelBench, config_path: &Path) -> String {
         config_path.display()
     ));
     s
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> BenchError + '_ {
+    move |e| BenchError::Setup(format!("{what}: {e}"))
+}
+
+/// The URL of database `db` on the server of `url`.
+fn database_url(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let server = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{server}/{db}?{q}"),
+        None => format!("{server}/{db}"),
+    }
+}
+
+/// Drop and create database `db` on the configured server; returns its URL.
+async fn fresh_database(config: &Config, db: &str) -> Result<String, BenchError> {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&config.postgres.url)
+        .await
+        .map_err(setup("connect to postgres.url"))?;
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .map_err(setup("create the benchmark database"))?;
+    }
+    Ok(database_url(&config.postgres.url, db))
+}
+
+async fn drop_database(config: &Config, db: &str) {
+    use sqlx::Connection;
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&config.postgres.url).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+    }
+}
+
+/// Results of the sink benchmark.
+#[derive(Debug, Clone)]
+pub struct SinkBench {
+    /// Rows per run.
+    pub rows: usize,
+    /// Rows per committed batch.
+    pub batch: usize,
+    /// Rows per second through [`crate::sink::postgres::PgSink::commit`] (encoding, COPY of
+    /// transactions, alerts, aggregate merges, offsets, one transaction per batch; median).
+    pub sink_rows_per_sec: f64,
+    /// Rows per second of `psql \copy` of the same rows (the same COPY text) into a table like
+    /// `transactions` (same indexes), one COPY of all rows (median).
+    pub psql_rows_per_sec: f64,
+    /// Alerts among the rows.
+    pub alerts: usize,
+}
+
+/// `payguard bench sink`: the sink against a plain `psql \copy` of the same rows, in a database of
+/// its own (`payguard_bench_sink`, dropped at the end) on the server of `postgres.url`.
+pub async fn sink(
+    config: &Config,
+    rows: usize,
+    runs: usize,
+    batch: usize,
+) -> Result<SinkBench, BenchError> {
+    use crate::sink::postgres::{PgSink, transactions_copy_text};
+    use crate::sink::{Sink, SinkBatch};
+    use crate::source::OffsetCommit;
+
+    let data = canonical_rows(config, rows).await?;
+    let mut engine = Engine::new(config).await?;
+    let stages = engine.aggregates();
+    // Decided rows and partial aggregates per batch, computed once, outside the measurement.
+    let mut batches = Vec::new();
+    let mut at = 0;
+    let mut alerts = 0;
+    while at < data.num_rows() {
+        let n = batch.min(data.num_rows() - at);
+        let decided = engine.decide(&data.slice(at, n)).await?;
+        alerts += decided
+            .column_by_name(crate::engine::DECISION)
+            .and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<datafusion::arrow::array::StringArray>()
+            })
+            .map_or(0, |d| d.iter().filter(|v| *v != Some("approve")).count());
+        let mut partials = Vec::new();
+        for stage in stages.iter() {
+            partials.push((
+                stage.name.clone(),
+                stage.partial(std::slice::from_ref(&decided)).await?,
+            ));
+        }
+        batches.push((at, n, decided, partials));
+        at += n;
+    }
+    let db = "payguard_bench_sink";
+    let url = fresh_database(config, db).await?;
+    let mut pg_cfg = config.postgres.clone();
+    pg_cfg.url = url.clone();
+    let pg = PgSink::connect(
+        &pg_cfg,
+        &config.resolve(&config.postgres.migrations),
+        "bench",
+    )
+    .await?;
+    pg.prepare_aggregates(&stages).await?;
+    let sink = Sink::Postgres(pg.clone());
+    sqlx::query("CREATE TABLE bench_copy (LIKE transactions INCLUDING ALL)")
+        .execute(pg.pool())
+        .await?;
+    let decided: Vec<RecordBatch> = batches.iter().map(|b| b.2.clone()).collect();
+    let (cols, text) = transactions_copy_text(&decided)?;
+    let file =
+        std::env::temp_dir().join(format!("payguard-bench-sink-{}.copy", std::process::id()));
+    std::fs::write(&file, &text).map_err(setup("write the COPY file"))?;
+
+    let truncate = format!(
+        "TRUNCATE transactions, alerts, consumer_offsets, bench_copy{}",
+        stages
+            .iter()
+            .map(|s| format!(", agg_{}", s.name))
+            .collect::<String>()
+    );
+    let mut sink_rates = Vec::new();
+    let mut psql_rates = Vec::new();
+    for _ in 0..runs.max(1) {
+        sqlx::query(sqlx::AssertSqlSafe(truncate.clone()))
+            .execute(pg.pool())
+            .await?;
+        sqlx::query("CHECKPOINT").execute(pg.pool()).await?;
+        let t = Instant::now();
+        for (seq, (at, n, decided, partials)) in batches.iter().enumerate() {
+            let b = SinkBatch {
+                seq: seq as u64,
+                messages: *n,
+                transactions: vec![decided.clone()],
+                aggregates: partials.clone(),
+                aggregate_stages: stages.clone(),
+                dead_letters: Vec::new(),
+                labels: None,
+                offsets: vec![OffsetCommit {
+                    source: 0,
+                    topic: "bench".into(),
+                    partition: 0,
+                    expected: (*at > 0).then_some(*at as i64),
+                    next: (*at + *n) as i64,
+                }],
+                opened_at: None,
+            };
+            match sink.commit(&b).await? {
+                crate::sink::CommitOutcome::Committed(_) => {}
+                crate::sink::CommitOutcome::Duplicates(_) => {
+                    return Err(BenchError::Setup("unexpected duplicates".into()));
+                }
+            }
+        }
+        sink_rates.push(data.num_rows() as f64 / t.elapsed().as_secs_f64());
+
+        sqlx::query("CHECKPOINT").execute(pg.pool()).await?;
+        let t = Instant::now();
+        let out = std::process::Command::new("psql")
+            .arg(&url)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(format!(
+                "\\copy bench_copy ({}) FROM '{}'",
+                cols.join(", "),
+                file.display()
+            ))
+            .output()
+            .map_err(setup("run psql"))?;
+        if !out.status.success() {
+            return Err(BenchError::Setup(format!(
+                "psql \\copy: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        psql_rates.push(data.num_rows() as f64 / t.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_file(&file);
+    pg.pool().close().await;
+    drop(sink);
+    drop_database(config, db).await;
+    Ok(SinkBench {
+        rows: data.num_rows(),
+        batch,
+        sink_rows_per_sec: median(&mut sink_rates),
+        psql_rows_per_sec: median(&mut psql_rates),
+        alerts,
+    })
+}
+
+/// Print the sink results as a Markdown table.
+pub fn sink_report(b: &SinkBench, config_path: &Path) -> String {
+    format!(
+        "| figure | value |\n|---|---|\n\
+         | rows per run (alerts among them) | {} ({}) |\n\
+         | sink: one transaction per batch of {} rows: COPY transactions, COPY alerts, aggregate merges, offsets (median) | {:.0} rows/s |\n\
+         | baseline: `psql \\copy` of the same rows into a table like `transactions`, one COPY (median) | {:.0} rows/s |\n\
+         | ratio sink / psql COPY | {:.2} |\n\
+         \nconfig: {}\n",
+        b.rows,
+        b.alerts,
+        b.batch,
+        b.sink_rows_per_sec,
+        b.psql_rows_per_sec,
+        b.sink_rows_per_sec / b.psql_rows_per_sec,
+        config_path.display()
+    )
+}
+
+/// Results of the end-to-end benchmark.
+#[derive(Debug, Clone)]
+pub struct E2eBench {
+    /// Messages per run (over every configured source).
+    pub messages: u64,
+    /// Transactions stored per second, Kafka to PostgreSQL, `run --stop-at-end` (median).
+    pub e2e_rows_per_sec: f64,
+    /// Messages per second of `kcat -C -e` reading the same topics to /dev/null (median): the
+    /// broker's own delivery rate to a C client on this machine.
+    pub kcat_msgs_per_sec: f64,
+}
+
+/// `payguard bench e2e`: `count` simulated messages are produced once to topics of their own;
+/// each run reads them all from Kafka into a fresh database (`payguard_bench_e2e`) with the real
+/// pipeline (`run --stop-at-end`), against `kcat` reading the same topics in the same run.
+pub async fn e2e(config: &Config, count: u64, runs: usize) -> Result<E2eBench, BenchError> {
+    use crate::app::{GenerateOptions, GenerateOutput};
+    let mut config = config.clone();
+    let tag = std::process::id();
+    for s in &mut config.sources {
+        s.topic = format!("payguard.bench.{tag}.{}", s.name);
+    }
+    config.pipeline.name = format!("bench_{tag}");
+    config.engine.hot_reload = false;
+    config.api.enabled = false;
+    let opts = GenerateOptions {
+        count,
+        rate: 0,
+        seed: None,
+        simulated_tps: 0.0,
+        output: GenerateOutput::Kafka {
+            create_topics: true,
+        },
+        progress: false,
+        duration: None,
+        start_time: None,
+        speedup: None,
+        sources: Vec::new(),
+        labels_topic: "payguard.labels".into(),
+        params: Default::default(),
+    };
+    let made = crate::app::generate(&config, &opts)
+        .await
+        .map_err(setup("generate"))?;
+    let messages = made.messages();
+    let brokers = config.kafka.brokers.join(",");
+    let db = "payguard_bench_e2e";
+    let mut e2e_rates = Vec::new();
+    let mut kcat_rates = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        for s in &config.sources {
+            let out = std::process::Command::new("kcat")
+                .args([
+                    "-C",
+                    "-b",
+                    &brokers,
+                    "-t",
+                    &s.topic,
+                    "-o",
+                    "beginning",
+                    "-e",
+                    "-q",
+                ])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(setup("run kcat"))?;
+            if !out.success() {
+                return Err(BenchError::Setup(format!("kcat -C {} failed", s.topic)));
+            }
+        }
+        kcat_rates.push(messages as f64 / t.elapsed().as_secs_f64());
+
+        let url = fresh_database(&config, db).await?;
+        let mut run_cfg = config.clone();
+        run_cfg.postgres.url = url;
+        let run_cfg = Arc::new(run_cfg);
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let engine = Engine::new(&run_cfg).await?;
+        let sink = crate::app::connect_sink(&run_cfg, &metrics, &cancel)
+            .await
+            .map_err(setup("connect the sink"))?;
+        let t = Instant::now();
+        let summary = crate::pipeline::run(
+            run_cfg.clone(),
+            engine,
+            sink,
+            crate::pipeline::RunOptions {
+                stop_at_end: true,
+                max_messages: None,
+            },
+            metrics,
+            cancel,
+        )
+        .await?;
+        e2e_rates.push(summary.transactions as f64 / t.elapsed().as_secs_f64());
+        if summary.messages != messages {
+            return Err(BenchError::Setup(format!(
+                "the run consumed {} of {messages} messages",
+                summary.messages
+            )));
+        }
+    }
+    drop_database(&config, db).await;
+    // The benchmark's topics are its own: delete them.
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Ok(client) = crate::source::kafka::connect(&config.kafka, &stop).await
+        && let Ok(controller) = client.controller_client()
+    {
+        for s in &config.sources {
+            let _ = controller.delete_topic(s.topic.clone(), 10_000).await;
+        }
+    }
+    Ok(E2eBench {
+        messages,
+        e2e_rows_per_sec: median(&mut e2e_rates),
+        kcat_msgs_per_sec: median(&mut kcat_rates),
+    })
+}
+
+/// Print the end-to-end results as a Markdown table.
+pub fn e2e_report(b: &E2eBench, config_path: &Path) -> String {
+    format!(
+        "| figure | value |\n|---|---|\n\
+         | messages per run (every configured source) | {} |\n\
+         | end to end: Kafka -> decode -> SQL -> PostgreSQL, `run --stop-at-end` (median) | {:.0} transactions/s |\n\
+         | baseline: `kcat -C -e` reading the same topics to /dev/null (median) | {:.0} messages/s |\n\
+         | ratio end to end / kcat | {:.2} |\n\
+         \nconfig: {}\n",
+        b.messages,
+        b.e2e_rows_per_sec,
+        b.kcat_msgs_per_sec,
+        b.e2e_rows_per_sec / b.kcat_msgs_per_sec,
+        config_path.display()
+    )
 }

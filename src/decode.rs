@@ -135,15 +135,212 @@ pub fn json_schema(fields: &[FieldConfig], source_name: &str) -> Result<SchemaRe
     Ok(Arc::new(Schema::new(fields)))
 }
 
+/// Digits of a Decimal128.
+const MAX_DIGITS: i8 = 38;
+/// Extra decimals of the wire type of an integer field (so that `3.5` is seen, not truncated).
+const INT_WIRE_SCALE: i8 = 18;
+
+/// The type arrow-json decodes a field into. Arrow's JSON decoder silently truncates: `"12.345"`
+/// into `decimal(18,2)` gives 12.34, `3.5` into an integer gives 3. Money must never be rounded,
+/// so exact numeric fields are decoded with more decimals than declared (a decimal(P,S) as
+/// decimal(38, 38-(P-S)), keeping the P-S integer digits; an integer as decimal(38,18)) and
+/// narrowed back by [`narrow`], which refuses any value that would lose a digit.
+fn wire_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Decimal128(p, s) => DataType::Decimal128(38, MAX_DIGITS - (*p as i8 - *s)),
+        DataType::Int32 | DataType::Int64 => DataType::Decimal128(38, INT_WIRE_SCALE),
+        other => other.clone(),
+    }
+}
+
+/// Exact text of a wide decimal, trailing zeros of the fraction removed.
+fn decimal_text(v: i128, scale: i8) -> String {
+    let mut out = Vec::new();
+    crate::sink::copy::write_decimal(v, scale, &mut out);
+    let mut s = String::from_utf8(out).expect("ascii");
+    if s.contains('.') {
+        while s.ends_with('0') {
+            s.pop();
+        }
+        if s.ends_with('.') {
+            s.pop();
+        }
+    }
+    s
+}
+
+/// Narrow a decoded column from its wire type to the declared type of `field`, or explain which
+/// value does not fit exactly.
+fn narrow(col: &ArrayRef, field: &Field) -> Result<ArrayRef, String> {
+    use datafusion::arrow::array::{Array, Decimal128Array};
+    let (DataType::Decimal128(_, wire_scale), target) = (col.data_type(), field.data_type()) else {
+        return Ok(col.clone());
+    };
+    let wide = col
+        .as_any()
+        .downcast_ref::<Decimal128Array>()
+        .expect("decimal wire column");
+    let (drop, lo, hi, what) = match target {
+        DataType::Decimal128(p, s) => (
+            *wire_scale - *s,
+            -(10i128.pow(*p as u32) - 1),
+            10i128.pow(*p as u32) - 1,
+            format!("decimal({p},{s})"),
+        ),
+        DataType::Int32 => (
+            *wire_scale,
+            i32::MIN as i128,
+            i32::MAX as i128,
+            "int32".into(),
+        ),
+        DataType::Int64 => (
+            *wire_scale,
+            i64::MIN as i128,
+            i64::MAX as i128,
+            "int64".into(),
+        ),
+        _ => return Ok(col.clone()),
+    };
+    let div = 10i128.pow(drop as u32);
+    let mut values = Vec::with_capacity(wide.len());
+    for i in 0..wide.len() {
+        if wide.is_null(i) {
+            values.push(None);
+            continue;
+        }
+        let v = wide.value(i);
+        let (q, r) = (v / div, v % div);
+        if r != 0 {
+            return Err(format!(
+                "field {}: {} has more decimals than {what} holds (money is never rounded)",
+                field.name(),
+                decimal_text(v, *wire_scale)
+            ));
+        }
+        if q < lo || q > hi {
+            return Err(format!(
+                "field {}: {} does not fit {what}",
+                field.name(),
+                decimal_text(v, *wire_scale)
+            ));
+        }
+        values.push(Some(q));
+    }
+    let narrowed: ArrayRef = match target {
+        DataType::Decimal128(p, s) => Arc::new(
+            Decimal128Array::from(values)
+                .with_precision_and_scale(*p, *s)
+                .map_err(|e| e.to_string())?,
+        ),
+        DataType::Int32 => Arc::new(Int32Array::from(
+            values
+                .into_iter()
+                .map(|v| v.map(|v| v as i32))
+                .collect::<Vec<_>>(),
+        )),
+        _ => Arc::new(Int64Array::from(
+            values
+                .into_iter()
+                .map(|v| v.map(|v| v as i64))
+                .collect::<Vec<_>>(),
+        )),
+    };
+    Ok(narrowed)
+}
+
+/// Position of a `\u0000` escape (a NUL character once decoded) in a JSON text, if any; a
+/// `\\u0000` (an escaped backslash followed by text) is not one.
+fn escaped_nul(v: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = v[from..]
+        .windows(6)
+        .position(|w| w.eq_ignore_ascii_case(b"\\u0000"))
+    {
+        let at = from + i;
+        let backslashes = v[..=at].iter().rev().take_while(|b| **b == b'\\').count();
+        if backslashes % 2 == 1 {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Feed whole messages to an arrow-json decoder, one JSON value each.
+fn feed(
+    decoder: &mut datafusion::arrow::json::reader::Decoder,
+    msgs: &[&RawMessage],
+) -> Result<(), String> {
+    for m in msgs {
+        let v = m.value.as_deref().unwrap_or_default();
+        let mut consumed = 0;
+        while consumed < v.len() {
+            let n = decoder.decode(&v[consumed..]).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("more than one JSON value in the message".into());
+            }
+            consumed += n;
+        }
+        // Close the value, so that a truncated message cannot run into the next one.
+        decoder.decode(b"\n").map_err(|e| e.to_string())?;
+        if decoder.has_partial_record() {
+            return Err("truncated JSON value".into());
+        }
+    }
+    Ok(())
+}
+
+/// A number as money and counts are written: `[+-]digits[.digits][(e|E)[+-]digits]`, at least one
+/// digit before the exponent, at most four exponent digits.
+fn is_number_text(t: &str) -> bool {
+    let b = t.as_bytes();
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let mut digits = 0;
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+        digits += 1;
+    }
+    if i < b.len() && b[i] == b'.' {
+        i += 1;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+            digits += 1;
+        }
+    }
+    if digits == 0 {
+        return false;
+    }
+    if i < b.len() && matches!(b[i], b'e' | b'E') {
+        i += 1;
+        if i < b.len() && matches!(b[i], b'+' | b'-') {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start || i - start > 4 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
 /// Decoder of one source.
 #[derive(Debug, Clone)]
 pub struct JsonDecoder {
     source_name: String,
     topic: String,
     json_schema: SchemaRef,
+    /// What arrow-json decodes into: `json_schema` with exact numeric fields widened (see
+    /// [`wire_type`]), narrowed back without loss after decoding, or the message is refused.
+    wire_schema: SchemaRef,
     output_schema: SchemaRef,
     required: Vec<String>,
     max_message_bytes: usize,
+    /// The exact fields (decimals and integers) as text, checked before arrow parses them; `None`
+    /// without such fields.
+    text_schema: Option<SchemaRef>,
 }
 
 /// Result of decoding a micro-batch of one source.
@@ -166,10 +363,26 @@ impl JsonDecoder {
             .collect();
         out.push(Field::new(PARTITION_COLUMN, DataType::Int32, false));
         out.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
+        let wire_schema = Arc::new(Schema::new(
+            json_schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_data_type(wire_type(f.data_type())))
+                .collect::<Vec<_>>(),
+        ));
+        let exact: Vec<Field> = wire_schema
+            .fields()
+            .iter()
+            .zip(json_schema.fields())
+            .filter(|(w, f)| w.data_type() != f.data_type())
+            .map(|(_, f)| Field::new(f.name(), DataType::Utf8, true))
+            .collect();
+        let text_schema = (!exact.is_empty()).then(|| Arc::new(Schema::new(exact)));
         Ok(Self {
             source_name: source.name.clone(),
             topic: source.topic.clone(),
             json_schema,
+            wire_schema,
             output_schema: Arc::new(Schema::new(out)),
             required: source
                 .fields
@@ -178,6 +391,7 @@ impl JsonDecoder {
                 .map(|f| f.name.clone())
                 .collect(),
             max_message_bytes,
+            text_schema,
         })
     }
 
@@ -248,6 +462,20 @@ impl JsonDecoder {
         if v.iter().all(u8::is_ascii_whitespace) {
             return Err("empty message".into());
         }
+        if let Some(at) = v
+            .iter()
+            .position(|b| *b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
+        {
+            return Err(format!(
+                "invalid JSON: control character 0x{:02x} at byte {at}",
+                v[at]
+            ));
+        }
+        if let Some(at) = escaped_nul(v) {
+            return Err(format!(
+                "NUL character (\\u0000) in a string at byte {at}: PostgreSQL text cannot hold it"
+            ));
+        }
         Ok(())
     }
 
@@ -276,30 +504,38 @@ impl JsonDecoder {
     }
 
     fn decode_all(&self, msgs: &[&RawMessage]) -> Result<RecordBatch, String> {
-        let mut decoder = ReaderBuilder::new(self.json_schema.clone())
+        if let Some(text_schema) = &self.text_schema {
+            // Exact fields first, as the text the message holds: arrow's decimal parser accepts
+            // non-numbers ("1E0+0", "+.") and overflows on long exponents ("1e99999").
+            let mut decoder = ReaderBuilder::new(text_schema.clone())
+                .with_batch_size(msgs.len() + 1)
+                .with_coerce_primitive(true)
+                .build_decoder()
+                .map_err(|e| e.to_string())?;
+            feed(&mut decoder, msgs)?;
+            if let Some(texts) = decoder.flush().map_err(|e| e.to_string())? {
+                for (c, f) in texts.columns().iter().zip(text_schema.fields()) {
+                    let c = c
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::StringArray>()
+                        .expect("text column");
+                    for t in c.iter().flatten() {
+                        if !is_number_text(t) {
+                            return Err(format!("field {}: {t:?} is not a number", f.name()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut decoder = ReaderBuilder::new(self.wire_schema.clone())
             .with_batch_size(msgs.len() + 1)
             .build_decoder()
             .map_err(|e| e.to_string())?;
-        for m in msgs {
-            let v = m.value.as_deref().unwrap_or_default();
-            let mut consumed = 0;
-            while consumed < v.len() {
-                let n = decoder.decode(&v[consumed..]).map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("more than one JSON value in the message".into());
-                }
-                consumed += n;
-            }
-            // Close the value, so that a truncated message cannot run into the next one.
-            decoder.decode(b"\n").map_err(|e| e.to_string())?;
-            if decoder.has_partial_record() {
-                return Err("truncated JSON value".into());
-            }
-        }
+        feed(&mut decoder, msgs)?;
         let batch = decoder
             .flush()
             .map_err(|e| e.to_string())?
-            .unwrap_or_else(|| RecordBatch::new_empty(self.json_schema.clone()));
+            .unwrap_or_else(|| RecordBatch::new_empty(self.wire_schema.clone()));
         if batch.num_rows() != msgs.len() {
             return Err(format!(
                 "expected exactly one JSON object per message, got {} rows from {} messages",
@@ -307,7 +543,10 @@ impl JsonDecoder {
                 msgs.len()
             ));
         }
-        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 2);
+        for (c, f) in batch.columns().iter().zip(self.json_schema.fields()) {
+            columns.push(narrow(c, f)?);
+        }
         columns.push(Arc::new(Int32Array::from_iter_values(
             msgs.iter().map(|m| m.partition),
         )));
@@ -353,6 +592,7 @@ impl JsonDecoder {
 mod tests {
     use super::*;
     use datafusion::arrow::util::pretty::pretty_format_batches;
+    use proptest::prelude::Strategy as _;
     use std::path::PathBuf;
 
     fn source() -> SourceConfig {
@@ -445,6 +685,220 @@ mod tests {
         assert_eq!(dead[6].0, 8);
         assert_eq!(out.dead_letters[0].raw, b"{not json");
         let _ = pretty_format_batches;
+    }
+
+    fn amount_msg(offset: i64, amount: &str) -> RawMessage {
+        msg(
+            offset,
+            format!(r#"{{"id":"x{offset}","amount":{amount},"ts":"2026-11-01T00:00:00Z"}}"#)
+                .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn money_is_exact_or_dead_lettered_never_rounded() {
+        let d = JsonDecoder::new(&source(), 1000).unwrap();
+        let good = [
+            (r#""10.05""#, "10.05"),
+            ("12.5", "12.50"),
+            (r#""1e3""#, "1000.00"),
+            ("-0.10", "-0.10"),
+            (r#""12.340""#, "12.34"),
+            (r#""9999999999999999.99""#, "9999999999999999.99"),
+        ];
+        let bad = [
+            (
+                r#""12.345.6""#,
+                "field amount: \"12.345.6\" is not a number",
+            ),
+            ("1e400", "invalid JSON"),
+            (r#""1e400""#, "wrong field type or value"),
+            (
+                r#""12.345""#,
+                "field amount: 12.345 has more decimals than decimal(18,2)",
+            ),
+            ("12.345", "field amount: 12.345 has more decimals"),
+            (r#""-0.001""#, "field amount: -0.001 has more decimals"),
+            (r#""99999999999999999.00""#, "wrong field type or value"),
+            (r#""NaN""#, "is not a number"),
+            (r#""1e99999""#, "field amount: \"1e99999\" is not a number"),
+            ("1e-70000", "field amount: \"1e-70000\" is not a number"),
+            (r#""1E0+0""#, "is not a number"),
+            ("true", "wrong field type or value"),
+            (r#""""#, "is not a number"),
+        ];
+        let mut msgs = Vec::new();
+        for (i, (a, _)) in good.iter().chain(bad.iter()).enumerate() {
+            msgs.push(amount_msg(i as i64, a));
+        }
+        let out = d.decode(&msgs).unwrap();
+        assert_eq!(out.batch.num_rows(), good.len());
+        for (i, (_, want)) in good.iter().enumerate() {
+            let got =
+                datafusion::arrow::util::display::array_value_to_string(out.batch.column(1), i)
+                    .unwrap();
+            assert_eq!(&got, want);
+        }
+        assert_eq!(out.dead_letters.len(), bad.len());
+        for (dl, (amount, reason)) in out.dead_letters.iter().zip(bad.iter()) {
+            assert!(
+                dl.reason.contains(reason),
+                "{amount}: reason {:?} should contain {reason:?}",
+                dl.reason
+            );
+        }
+    }
+
+    #[test]
+    fn integers_are_exact_or_dead_lettered() {
+        let mut src = source();
+        src.fields.push(FieldConfig {
+            name: "cents".into(),
+            data_type: "int64".into(),
+            required: false,
+        });
+        src.fields.push(FieldConfig {
+            name: "n".into(),
+            data_type: "int32".into(),
+            required: false,
+        });
+        let d = JsonDecoder::new(&src, 1000).unwrap();
+        let m = |o: i64, extra: &str| {
+            msg(
+                o,
+                format!(r#"{{"id":"i{o}","amount":"1","ts":"2026-11-01T00:00:00Z",{extra}}}"#)
+                    .as_bytes(),
+            )
+        };
+        let msgs = vec![
+            m(0, r#""cents":123456789012,"n":-7"#),
+            m(1, r#""cents":"42","n":null"#),
+            m(2, r#""cents":1234.5"#),
+            m(3, r#""n":3000000000"#),
+            m(4, r#""n":"x""#),
+            m(5, r#""cents":9223372036854775807"#),
+        ];
+        let out = d.decode(&msgs).unwrap();
+        let ok: Vec<i64> = out
+            .batch
+            .column(4)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap_or(-1))
+            .collect();
+        assert_eq!(ok, vec![123456789012, 42, i64::MAX]);
+        assert_eq!(out.batch.schema().field(5).data_type(), &DataType::Int32);
+        let dead: Vec<(i64, &str)> = out
+            .dead_letters
+            .iter()
+            .map(|d| (d.offset, d.reason.as_str()))
+            .collect();
+        assert_eq!(dead.len(), 3, "{dead:?}");
+        assert!(
+            dead[0]
+                .1
+                .contains("cents: 1234.5 has more decimals than int64")
+        );
+        assert!(dead[1].1.contains("n: 3000000000 does not fit int32"));
+        assert!(dead[2].1.starts_with("wrong field type or value"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// Arbitrary bytes, and JSON-looking mutations of a good message: the decoder never
+        /// panics and every message ends as exactly one row or exactly one dead letter, in place.
+        #[test]
+        fn every_message_is_a_row_or_a_dead_letter(
+            inputs in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120),
+                    (0usize..70, proptest::prelude::any::<u8>(), 0usize..3).prop_map(|(at, b, op)| {
+                        let mut v = br#"{"id":"a","amount":"10.05","ts":"2026-11-01T00:00:00Z","note":"n"}"#.to_vec();
+                        let at = at.min(v.len() - 1);
+                        match op {
+                            0 => v[at] = b,
+                            1 => { v.remove(at); }
+                            _ => v.insert(at, b),
+                        }
+                        v
+                    }),
+                    "[0-9eE+.-]{0,12}".prop_map(|a| format!(
+                        r#"{{"id":"p","amount":"{a}","ts":"2026-11-01T00:00:00Z"}}"#).into_bytes()),
+                ],
+                1..40,
+            )
+        ) {
+            let d = JsonDecoder::new(&source(), 100).unwrap();
+            let msgs: Vec<RawMessage> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, v)| msg(i as i64, v))
+                .collect();
+            let out = d.decode(&msgs).unwrap();
+            proptest::prop_assert_eq!(out.batch.num_rows() + out.dead_letters.len(), msgs.len());
+            let rows: Vec<i64> = out
+                .batch
+                .column_by_name(OFFSET_COLUMN)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec();
+            let mut all: Vec<i64> = rows.iter().copied().chain(out.dead_letters.iter().map(|x| x.offset)).collect();
+            all.sort();
+            proptest::prop_assert_eq!(all, (0..msgs.len() as i64).collect::<Vec<_>>());
+            for dl in &out.dead_letters {
+                proptest::prop_assert_eq!(&dl.raw, &inputs[dl.offset as usize]);
+                proptest::prop_assert!(!dl.reason.is_empty());
+            }
+            // A row's amount is exactly what the message said (checked against serde_json).
+            let amounts = out.batch.column(1).as_any().downcast_ref::<datafusion::arrow::array::Decimal128Array>().unwrap();
+            for (i, off) in rows.iter().enumerate() {
+                // arrow-json accepts a raw tab inside a string, serde_json does not.
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&inputs[*off as usize]) else { continue };
+                let text = match &v["amount"] {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let parsed: f64 = text.parse().map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{text:?} decoded as {}: {e}", amounts.value(i))))?;
+                proptest::prop_assert!((amounts.value(i) as f64 / 100.0 - parsed).abs() < 1e-6 * parsed.abs().max(1.0), "{} vs {}", amounts.value(i), text);
+            }
+        }
+    }
+
+    #[test]
+    fn nul_characters_and_control_bytes_are_dead_lettered() {
+        let d = JsonDecoder::new(&source(), 1000).unwrap();
+        let msgs = vec![
+            msg(
+                0,
+                br#"{"id":"a\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#,
+            ),
+            msg(
+                1,
+                b"{\"id\":\"a\x01b\",\"amount\":\"1\",\"ts\":\"2026-11-01T00:00:00Z\"}",
+            ),
+            msg(
+                2,
+                br#"{"id":"a\\u0000b","amount":"1","ts":"2026-11-01T00:00:00Z"}"#,
+            ),
+        ];
+        let out = d.decode(&msgs).unwrap();
+        assert_eq!(
+            out.batch.num_rows(),
+            1,
+            "an escaped backslash before u0000 is text"
+        );
+        assert!(out.dead_letters[0].reason.starts_with("NUL character"));
+        assert!(
+            out.dead_letters[1]
+                .reason
+                .contains("control character 0x01")
+        );
     }
 
     #[test]

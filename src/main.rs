@@ -130,8 +130,10 @@ enum Command {
     },
     /// Measure the engine with the shipped SQL (figures for BENCHMARKS.md).
     Bench {
-        /// What to measure: `engine`, or `model` (rows scored per second per core at each
-        /// `--batch` size, against the raw ONNX Runtime call on a pre-built tensor).
+        /// What to measure: `engine`, `model` (rows scored per second per core at each
+        /// `--batch` size, against the raw ONNX Runtime call on a pre-built tensor), `sink` (the
+        /// PostgreSQL sink against `psql \\copy` of the same rows) or `e2e` (Kafka to PostgreSQL
+        /// with `--rows` messages).
         #[arg(default_value = "engine")]
         what: String,
         /// Config file.
@@ -244,8 +246,8 @@ async fn dispatch(command: Command) -> ExitCode {
             runs,
             batch,
         } => {
-            if what != "engine" && what != "model" {
-                eprintln!("unknown benchmark {what:?}; known: engine, model");
+            if !["engine", "model", "sink", "e2e"].contains(&what.as_str()) {
+                eprintln!("unknown benchmark {what:?}; known: engine, model, sink, e2e");
                 return ExitCode::from(2);
             }
             let path = config.clone();
@@ -267,9 +269,20 @@ async fn dispatch(command: Command) -> ExitCode {
                 };
             }
             let batch = batch[0];
-            match payguard::bench::engine(&config, rows, runs, batch).await {
-                Ok(b) => {
-                    println!("{}", payguard::bench::report(&b, &path));
+            let report = match what.as_str() {
+                "sink" => payguard::bench::sink(&config, rows, runs, batch)
+                    .await
+                    .map(|b| payguard::bench::sink_report(&b, &path)),
+                "e2e" => payguard::bench::e2e(&config, rows as u64, runs)
+                    .await
+                    .map(|b| payguard::bench::e2e_report(&b, &path)),
+                _ => payguard::bench::engine(&config, rows, runs, batch)
+                    .await
+                    .map(|b| payguard::bench::report(&b, &path)),
+            };
+            match report {
+                Ok(r) => {
+                    println!("{r}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => finish(Err(e.into())),

@@ -199,6 +199,42 @@ pub struct PostgresConfig {
     /// Longest retry delay after repeated database errors, in milliseconds.
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// With TimescaleDB: chunks of `transactions`, `alerts` and `dead_letters` older than this are
+    /// compressed (a duration like "7 days"; "off": never). Ignored on plain PostgreSQL.
+    #[serde(default = "default_compress_after")]
+    pub compress_after: String,
+    /// Rows older than this are dropped ("off": kept forever, the default). With TimescaleDB a
+    /// retention policy drops whole chunks; on plain PostgreSQL the rows are deleted at start.
+    #[serde(default = "default_retention")]
+    pub retention: String,
+}
+
+fn default_compress_after() -> String {
+    "7 days".into()
+}
+
+fn default_retention() -> String {
+    "off".into()
+}
+
+impl PostgresConfig {
+    /// `compress_after` in milliseconds; `None` when "off".
+    pub fn compress_after_ms(&self) -> Option<i64> {
+        duration_or_off(&self.compress_after)
+    }
+    /// `retention` in milliseconds; `None` when "off".
+    pub fn retention_ms(&self) -> Option<i64> {
+        duration_or_off(&self.retention)
+    }
+}
+
+/// A positive duration, or `None` for "off" (or anything that is not a duration: validation has
+/// reported it).
+pub fn duration_or_off(text: &str) -> Option<i64> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return None;
+    }
+    crate::engine::windows::parse_duration_ms(text).filter(|ms| *ms > 0)
 }
 
 impl Default for PostgresConfig {
@@ -209,6 +245,8 @@ impl Default for PostgresConfig {
             max_connections: default_pg_pool(),
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
+            compress_after: default_compress_after(),
+            retention: default_retention(),
         }
     }
 }

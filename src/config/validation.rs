@@ -262,6 +262,20 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         );
     }
 
+    for (key, value) in [
+        ("postgres.compress_after", &pg.compress_after),
+        ("postgres.retention", &pg.retention),
+    ] {
+        if !value.trim().eq_ignore_ascii_case("off")
+            && crate::engine::windows::parse_duration_ms(value).is_none_or(|ms| ms <= 0)
+        {
+            err(
+                key.into(),
+                format!("\"{value}\" is not \"off\" or a duration like \"7 days\", \"12 hours\""),
+            );
+        }
+    }
+
     let e = &config.engine;
     for (key, value) in [
         ("engine.history", &e.history),
@@ -524,6 +538,28 @@ fields = [
             errs[2].starts_with("test.toml:4: pipeline.queue_depth: "),
             "{}",
             errs[2]
+        );
+    }
+
+    #[test]
+    fn storage_policies_are_off_or_a_duration() {
+        let ok = format!("[postgres]\ncompress_after = \"off\"\nretention = \"90 days\"\n{SOURCE}");
+        assert_eq!(errors_of(&ok), Vec::<String>::new());
+        let bad =
+            format!("[postgres]\ncompress_after = \"soon\"\nretention = \"0 days\"\n{SOURCE}");
+        let errs = errors_of(&bad);
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(errs[0].contains("postgres.compress_after"), "{}", errs[0]);
+        assert!(errs[1].contains("postgres.retention"), "{}", errs[1]);
+        let pg = crate::config::PostgresConfig {
+            retention: "2 days".into(),
+            ..Default::default()
+        };
+        assert_eq!(pg.retention_ms(), Some(2 * 86_400_000));
+        assert_eq!(pg.compress_after_ms(), Some(7 * 86_400_000));
+        assert_eq!(
+            crate::config::PostgresConfig::default().retention_ms(),
+            None
         );
     }
 

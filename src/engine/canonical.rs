@@ -281,6 +281,7 @@ impl Conformer {
                 rows: RecordBatch::try_new(schema, columns)?,
                 rejected: Vec::new(),
                 partitions: self.partition_col.map(|c| batch.column(c).clone()),
+                offsets: self.offset_col.map(|c| batch.column(c).clone()),
             });
         }
         let mut keep = vec![true; batch.num_rows()];
@@ -326,10 +327,15 @@ impl Conformer {
             .partition_col
             .map(|c| datafusion::arrow::compute::filter(batch.column(c), &mask))
             .transpose()?;
+        let offsets = self
+            .offset_col
+            .map(|c| datafusion::arrow::compute::filter(batch.column(c), &mask))
+            .transpose()?;
         Ok(Conformed {
             rows: RecordBatch::try_new(schema, filtered)?,
             rejected,
             partitions,
+            offsets,
         })
     }
 }
@@ -343,6 +349,8 @@ pub struct Conformed {
     pub rejected: Vec<RejectedRow>,
     /// `_partition` of each canonical row, when the mapping passed it through.
     pub partitions: Option<ArrayRef>,
+    /// `_offset` of each canonical row, when the mapping passed it through.
+    pub offsets: Option<ArrayRef>,
 }
 
 /// A mapped row that could not become a canonical transaction.

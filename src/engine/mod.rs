@@ -538,6 +538,7 @@ impl Engine {
                 &rows,
                 wall_ms + self.max_future_ms,
                 conformed.partitions.as_ref(),
+                conformed.offsets.as_ref(),
             )
             .map_err(|source| EngineError::Arrow {
                 file: stage.mapping.file().to_path_buf(),
@@ -707,6 +708,7 @@ fn split_future(
     rows: &RecordBatch,
     limit_ms: i64,
     partitions: Option<&ArrayRef>,
+    offsets: Option<&ArrayRef>,
 ) -> Result<((RecordBatch, Option<ArrayRef>), Vec<Future>), datafusion::arrow::error::ArrowError> {
     let times = event_times(rows);
     let future: Vec<usize> = (0..rows.num_rows())
@@ -721,6 +723,10 @@ fn split_future(
         .downcast_ref::<StringArray>()
         .expect("canonical id");
     let parts = partitions.and_then(|p| p.as_any().downcast_ref::<Int32Array>());
+    let offs = offsets.and_then(|o| {
+        o.as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+    });
     let out = future
         .iter()
         .map(|&i| {
@@ -729,7 +735,7 @@ fn split_future(
                 .unwrap_or_default();
             (
                 parts.map(|p| p.value(i)),
-                None,
+                offs.map(|o| o.value(i)),
                 format!(
                     "{{\"transaction_id\":{:?},\"event_time\":{when:?}}}",
                     ids.value(i)

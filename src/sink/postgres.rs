@@ -65,6 +65,9 @@ pub struct PgSink {
 
 const UNIQUE_VIOLATION: &str = "23505";
 
+/// Rows encoded per COPY message sent.
+const COPY_SLICE_ROWS: usize = 2048;
+
 impl PgSink {
     /// Connect (one attempt; the caller retries) and apply the migrations in `migrations`.
     pub async fn connect(
@@ -90,6 +93,14 @@ impl PgSink {
                 dir: migrations.display().to_string(),
                 source,
             })?;
+        let interval = |ms: Option<i64>| ms.map(|ms| format!("{ms} milliseconds"));
+        let applied: String =
+            sqlx::query_scalar("SELECT payguard_storage_policies($1::interval, $2::interval)")
+                .bind(interval(cfg.compress_after_ms()))
+                .bind(interval(cfg.retention_ms()))
+                .fetch_one(&pool)
+                .await?;
+        tracing::info!(policies = %applied, "storage policies");
         let tx_cols = transaction_columns().join(", ");
         let mut alert_cols: Vec<&str> = ALERT_COLUMNS.to_vec();
         alert_cols.push("features");
@@ -144,22 +155,36 @@ impl PgSink {
     /// or, when some of its transactions are stored already, nothing and the list of them.
     pub async fn commit(&self, batch: &SinkBatch) -> Result<CommitOutcome, SinkError> {
         let encode = |e: copy::CopyError| SinkError::Internal(e.to_string());
+        let t0 = std::time::Instant::now();
         let cols = transaction_columns();
-        let mut tx_data = Vec::with_capacity(batch.rows() * 256);
+        let mut projected = Vec::with_capacity(batch.transactions.len());
         let mut alert_data = Vec::new();
         for b in &batch.transactions {
-            copy::encode(&project(b, &cols)?, &mut tx_data).map_err(encode)?;
+            projected.push(project(b, &cols)?);
             if let Some(alerts) = alerts_of(b)? {
                 copy::encode(&alerts, &mut alert_data).map_err(encode)?;
             }
         }
+        let t_encode = t0.elapsed();
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         self.write_offsets(&mut tx, batch).await?;
         let rows = batch.rows() as u64;
         if rows > 0 {
             let mut copy = tx.copy_in_raw(&self.copy_transactions).await?;
-            copy.send(tx_data.as_slice()).await?;
+            // Encode and send in slices: the server parses and indexes one slice while the next
+            // is encoded (the two cores work at once instead of in turn).
+            let mut chunk = Vec::with_capacity(COPY_SLICE_ROWS * 320);
+            for b in &projected {
+                let mut at = 0;
+                while at < b.num_rows() {
+                    let n = COPY_SLICE_ROWS.min(b.num_rows() - at);
+                    chunk.clear();
+                    copy::encode(&b.slice(at, n), &mut chunk).map_err(encode)?;
+                    copy.send(chunk.as_slice()).await?;
+                    at += n;
+                }
+            }
             match copy.finish().await {
                 Ok(_) => {}
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
@@ -169,6 +194,7 @@ impl PgSink {
                 Err(e) => return Err(e.into()),
             }
         }
+        let t_copy = t0.elapsed();
         if !alert_data.is_empty() {
             let mut copy = tx.copy_in_raw(&self.copy_alerts).await?;
             copy.send(alert_data.as_slice()).await?;
@@ -183,6 +209,7 @@ impl PgSink {
         if let Some(labels) = &batch.labels {
             super::labels::write(&mut tx, labels).await?;
         }
+        let t_aggregates = t0.elapsed();
         if !batch.dead_letters.is_empty() {
             let d = &batch.dead_letters;
             sqlx::query(
@@ -199,6 +226,14 @@ impl PgSink {
             .await?;
         }
         tx.commit().await?;
+        tracing::debug!(
+            rows,
+            encode = ?t_encode,
+            copy = ?(t_copy - t_encode),
+            aggregates = ?(t_aggregates - t_copy),
+            total = ?t0.elapsed(),
+            "sink commit phases"
+        );
         Ok(CommitOutcome::Committed(CommitStats {
             inserted: rows,
             duplicates: 0,
@@ -366,6 +401,21 @@ impl PgSink {
         }
         Ok(())
     }
+}
+
+/// The columns of `transactions` the sink writes, and the COPY text of the decided rows in that
+/// order: exactly what [`PgSink::commit`] sends (for benchmarks that COPY the same rows by other
+/// means).
+pub fn transactions_copy_text(
+    batches: &[RecordBatch],
+) -> Result<(Vec<&'static str>, Vec<u8>), SinkError> {
+    let cols = transaction_columns();
+    let mut out = Vec::new();
+    for b in batches {
+        copy::encode(&project(b, &cols)?, &mut out)
+            .map_err(|e| SinkError::Internal(e.to_string()))?;
+    }
+    Ok((cols, out))
 }
 
 fn id_time(b: &RecordBatch) -> (&StringArray, &TimestampMillisecondArray) {

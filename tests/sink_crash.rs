@@ -1,0 +1,106 @@
+//! Exactly-once under crashes: while a producer keeps writing simulated payments, `payguard run`
+//! is killed with SIGKILL at random moments (at least ten times) and restarted. At the end every
+//! produced transaction is stored once, every aggregate equals its recomputation from the stored
+//! transactions, and the stored offsets are the topic's end offsets.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, assert_aggregates_match_transactions, signal};
+use rand::{Rng, SeedableRng};
+
+const PARTITIONS: i32 = 3;
+const PRODUCED: i64 = 20_000;
+const KILLS: usize = 12;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_moments_under_load_loses_and_repeats_nothing() {
+    let env = TestEnv::new("crash", |t| {
+        let p = t["pipeline"].as_table_mut().unwrap();
+        p.insert("batch_max_rows".into(), 1000.into());
+        p.insert("batch_max_wait_ms".into(), 50.into());
+    })
+    .await;
+    let seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+
+    // Continuous load: the producer runs through all the kills.
+    let count = PRODUCED.to_string();
+    let producer = env.spawn(&["generate", "--count", &count, "--rate", "600", "-q"]);
+    let started = Instant::now();
+
+    let mut kills_after_progress = 0;
+    for i in 0..KILLS {
+        let before = env.transactions().await;
+        let run = env.spawn(&["run"]);
+        // A random moment: every other kill anywhere from start-up on (before the first commit,
+        // between batches, in the middle of one), the others at a random moment after the run
+        // has committed something (so that the crash always hits a process at work).
+        let delay = if i % 2 == 0 {
+            env.wait_for("a commit", Duration::from_secs(60), || async {
+                env.transactions().await > before
+            })
+            .await;
+            Duration::from_millis(rng.random_range(0..1_500))
+        } else {
+            Duration::from_millis(rng.random_range(200..4_000))
+        };
+        tokio::time::sleep(delay).await;
+        signal(&run, "KILL");
+        let (status, log) = env.wait(run, Duration::from_secs(30));
+        assert!(!status.success(), "kill {i}: the process was killed\n{log}");
+        let rows = env.transactions().await;
+        let offsets: i64 = env.stored_offsets().await.iter().map(|(_, o)| o).sum();
+        assert_eq!(
+            offsets, rows,
+            "kill {i} after {delay:?}: rows and offsets are committed together"
+        );
+        if rows > before {
+            kills_after_progress += 1;
+        }
+    }
+    eprintln!(
+        "{KILLS} kills in {:?}, {kills_after_progress} of them after progress",
+        started.elapsed()
+    );
+
+    let (status, log) = env.wait(producer, Duration::from_secs(120));
+    assert!(status.success(), "producer: {log}");
+    assert!(
+        env.transactions().await < PRODUCED,
+        "the kills happened while there was still work to do"
+    );
+    env.run_ok(&["run", "--stop-at-end"]);
+
+    assert_eq!(env.transactions().await, PRODUCED, "rows stored");
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM (SELECT transaction_id FROM transactions GROUP BY 1 HAVING count(*) > 1) d")
+            .await,
+        0,
+        "no id twice"
+    );
+    assert_eq!(
+        env.scalar("SELECT count(DISTINCT transaction_id) FROM transactions")
+            .await,
+        PRODUCED
+    );
+    assert_eq!(env.scalar("SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(
+        env.stored_offsets().await,
+        env.end_offsets(PARTITIONS),
+        "offsets = end offsets"
+    );
+    let mut c = env.db().await;
+    assert_aggregates_match_transactions(&mut c).await;
+    // Alerts are the stored review/decline transactions, once each.
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM alerts").await,
+        env.scalar("SELECT count(*) FROM transactions WHERE decision <> 'approve'")
+            .await
+    );
+}
