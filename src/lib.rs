@@ -28,6 +28,7 @@ pub mod config;
 pub mod decode;
 pub mod engine;
 pub mod metrics;
+pub mod online;
 pub mod pipeline;
 pub mod replay;
 pub mod sink;

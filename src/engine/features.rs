@@ -278,3 +278,13 @@ pub fn concat_or_empty(
         }),
     }
 }
+
+/// Online scoring (`POST /v1/score`): evaluation without recording.
+impl FeatureStage {
+    /// Make the next [`FeatureStage::process`] calls leave the window state unchanged (see
+    /// [`super::state::WindowState::peek`]): `groups` gives each row's request; `None` records
+    /// again.
+    pub fn set_peek(&mut self, groups: Option<Vec<u32>>) {
+        self.state.set_peek(groups);
+    }
+}

@@ -10,6 +10,7 @@
 pub mod aggregates;
 pub mod canonical;
 pub mod features;
+pub mod online;
 pub mod rules;
 pub mod sql;
 pub mod state;

@@ -8,6 +8,7 @@
 pub mod copy;
 pub mod memory;
 pub mod postgres;
+pub mod query;
 
 use std::collections::HashMap;
 
