@@ -66,6 +66,8 @@ pub struct ApiState {
     pub labels: broadcast::Sender<Label>,
     keys: Arc<Vec<Vec<u8>>>,
     canonical: Arc<score::CanonicalDecoder>,
+    /// Fires when the server shuts down (ends the event streams).
+    shutdown: CancellationToken,
 }
 
 impl ApiState {
@@ -103,6 +105,7 @@ impl ApiState {
             labels,
             keys: Arc::new(keys),
             canonical: Arc::new(canonical),
+            shutdown: CancellationToken::new(),
         })
     }
 
@@ -180,14 +183,15 @@ impl Failure {
     }
 
     /// A body that could not be read (too large: 413).
-    pub fn from_body(e: &axum::extract::rejection::BytesRejection) -> Self {
-        let status = e.status();
-        let status = if status.is_client_error() {
-            status
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        Self::new(status, format!("request body: {}", e.body_text()))
+    pub fn from_body(e: &axum::extract::rejection::BytesRejection, limit: usize) -> Self {
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body too large: at most {limit} bytes (api.max_body_bytes)"),
+            ),
+            s if s.is_client_error() => Self::new(s, format!("request body: {}", e.body_text())),
+            _ => Self::bad_request(format!("request body: {}", e.body_text())),
+        }
     }
 
     /// A sink (database) error: the store is unavailable, not the client's fault.
@@ -301,9 +305,10 @@ pub fn router(state: ApiState) -> Router {
 /// Bind `addr` and serve until `cancel`. Returns the bound address (port 0 picks one).
 pub async fn serve(
     addr: &str,
-    state: ApiState,
+    mut state: ApiState,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ApiError> {
+    state.shutdown = cancel.clone();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ApiError::Bind {

@@ -130,6 +130,8 @@ async fn api_against_kafka_and_postgres() {
         let api = t["api"].as_table_mut().unwrap();
         api.insert("api_keys".into(), toml::Value::Array(vec![KEY.into()]));
         api.insert("max_body_bytes".into(), 65536.into());
+        // Debug builds on a shared machine: give the engine time.
+        api.insert("score_timeout_ms".into(), 30000.into());
         t["pipeline"]
             .as_table_mut()
             .unwrap()
@@ -503,8 +505,14 @@ async fn api_against_kafka_and_postgres() {
 
 #[tokio::test]
 async fn demo_serves_the_page_and_scores_against_the_simulated_stream() {
-    let env = TestEnv::new("api_demo", |_| {}).await;
-    let demo = env.spawn(&["demo", "--listen", "127.0.0.1:0", "--rate", "2000"]);
+    let env = TestEnv::new("api_demo", |t| {
+        t["api"]
+            .as_table_mut()
+            .unwrap()
+            .insert("score_timeout_ms".into(), 30000.into());
+    })
+    .await;
+    let demo = env.spawn(&["demo", "--listen", "127.0.0.1:0", "--rate", "500"]);
     let addr = api_addr(&env, &demo).await;
     let api = Api {
         addr: addr.clone(),
@@ -535,8 +543,8 @@ async fn demo_serves_the_page_and_scores_against_the_simulated_stream() {
     let (st, s) = api.post("/v1/score", &json!({"record": false, "transaction": tx})).await;
     assert_eq!(st, 200, "{s}");
     assert!(feature(&s["results"][0], "card_tx_24h") >= 1);
-    let (st, _) = api.post("/v1/score", &json!({"record": true, "transaction": tx})).await;
-    assert_eq!(st, 200);
+    let (st, s) = api.post("/v1/score", &json!({"record": true, "transaction": tx})).await;
+    assert_eq!(st, 200, "{s}");
     env.wait_for("the recorded transaction", Duration::from_secs(30), || async {
         api.get("/v1/transactions/demo-probe").await.0 == 200
     })

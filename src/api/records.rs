@@ -173,18 +173,24 @@ pub async fn alerts_stream(
         return Failure::unavailable("no pipeline runs").into_response();
     };
     let rx = online.subscribe_alerts();
+    let shutdown = s.shutdown.clone();
     let decision = q.decision.map(AlertDecision::as_str);
     let source = q.source;
     let stream = futures::stream::unfold(
         (rx, std::collections::VecDeque::<Event>::new()),
         move |(mut rx, mut pending)| {
             let source = source.clone();
+            let shutdown = shutdown.clone();
             async move {
                 loop {
                     if let Some(e) = pending.pop_front() {
                         return Some((Ok::<Event, Infallible>(e), (rx, pending)));
                     }
-                    match rx.recv().await {
+                    let next = tokio::select! {
+                        n = rx.recv() => n,
+                        _ = shutdown.cancelled() => return None,
+                    };
+                    match next {
                         Ok(alerts) => {
                             for a in alerts.iter() {
                                 if decision.is_some_and(|d| a["decision"] != d)
@@ -298,7 +304,7 @@ pub struct LabelResponse {
     security((), ("api_key" = []), ("bearer" = [])))]
 pub async fn labels(State(s): State<ApiState>, body: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
-        let body = body.map_err(|e| Failure::from_body(&e))?;
+        let body = body.map_err(|e| Failure::from_body(&e, s.config.api.max_body_bytes))?;
         let req: LabelRequest = Failure::parse(&body)?;
         let id = req.transaction_id.trim();
         if id.is_empty() || id.len() > 256 {

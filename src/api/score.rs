@@ -222,7 +222,7 @@ async fn score_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<ScoreResponse, Failure> {
     let Query(query) = query.map_err(|e| Failure::bad_request(e.body_text()))?;
-    let body = body.map_err(|e| Failure::from_body(&e))?;
+    let body = body.map_err(|e| Failure::from_body(&e, s.config.api.max_body_bytes))?;
     let req: ScoreRequest = Failure::parse(&body)?;
     let source = match (query.source, req.source) {
         (Some(a), Some(b)) if a != b => {
