@@ -4,12 +4,14 @@
 # with an API key configured, and fails on any 5xx answer (check not_a_server_error).
 #
 #   bash .ci/api-fuzz.sh [path/to/payguard]      (default: $CARGO_TARGET_DIR/debug/payguard)
-#   PAYGUARD_FUZZ_EXAMPLES=N                     test cases per operation (default 40)
+#   PAYGUARD_FUZZ_EXAMPLES=N                     test cases per operation and phase (default 25)
+#   PAYGUARD_FUZZ_SECONDS=S                      time budget of the run (default 150)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BIN="${1:-${CARGO_TARGET_DIR:-target}/debug/payguard}"
-EXAMPLES="${PAYGUARD_FUZZ_EXAMPLES:-40}"
+EXAMPLES="${PAYGUARD_FUZZ_EXAMPLES:-25}"
+SECONDS_BUDGET="${PAYGUARD_FUZZ_SECONDS:-150}"
 VENV="$HOME/.cache/payguard/schemathesis-venv"
 VERSION=4.32.5
 KEY="fuzz-key-0123456789abcdef"
@@ -43,6 +45,7 @@ echo "[api-fuzz] demo API at $addr"
   --checks not_a_server_error \
   --phases examples,coverage,fuzzing \
   --max-examples "$EXAMPLES" \
+  --max-time "$SECONDS_BUDGET" \
   --exclude-path /v1/alerts/stream \
   --header "X-API-Key: $KEY" \
   --workers 2 \

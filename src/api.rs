@@ -94,8 +94,8 @@ impl ApiState {
                     .map(|k| k.as_bytes().to_vec()),
             );
         }
-        let canonical = score::CanonicalDecoder::new(config.api.max_body_bytes)
-            .map_err(ApiError::Decoder)?;
+        let canonical =
+            score::CanonicalDecoder::new(config.api.max_body_bytes).map_err(ApiError::Decoder)?;
         let (labels, _) = broadcast::channel(1024);
         Ok(Self {
             metrics,
@@ -243,7 +243,7 @@ pub struct ErrorBody {
         metrics,
         stats,
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, records::AlertDecision)),
     modifiers(&SecurityAddon),
     tags(
         (name = "scoring", description = "Synchronous scoring for the authorisation path"),

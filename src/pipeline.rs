@@ -188,7 +188,9 @@ pub async fn run(
             if served_jobs {
                 served_jobs = false;
                 if let Ok(b) = batch_rx.try_recv() {
-                    if !process_batch(&mut engine, b, &done_tx, &engine_metrics, &engine_cancel).await? {
+                    if !process_batch(&mut engine, b, &done_tx, &engine_metrics, &engine_cancel)
+                        .await?
+                    {
                         break;
                     }
                     continue;
@@ -213,7 +215,15 @@ pub async fn run(
                     continue;
                 }
             };
-            if !process_batch(&mut engine, batch, &done_tx, &engine_metrics, &engine_cancel).await? {
+            if !process_batch(
+                &mut engine,
+                batch,
+                &done_tx,
+                &engine_metrics,
+                &engine_cancel,
+            )
+            .await?
+            {
                 break;
             }
         }

@@ -46,7 +46,11 @@ async fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     (status, body)
 }
 
@@ -67,7 +71,14 @@ impl Api {
 
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let b = body.to_string();
-        let (st, body) = http(&self.addr, "POST", path, &self.headers(), Some(b.as_bytes())).await;
+        let (st, body) = http(
+            &self.addr,
+            "POST",
+            path,
+            &self.headers(),
+            Some(b.as_bytes()),
+        )
+        .await;
         (st, json_of(&body))
     }
 
@@ -92,12 +103,17 @@ async fn api_addr(env: &TestEnv, child: &std::process::Child) -> String {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no API address in the log: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+    panic!(
+        "no API address in the log: {}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
 }
 
 fn assert_error(status: u16, body: &Value, want: u16, contains: &str) {
     assert_eq!(status, want, "{body}");
-    let e = body["error"].as_str().unwrap_or_else(|| panic!("no JSON error in {body}"));
+    let e = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no JSON error in {body}"));
     assert!(
         e.to_lowercase().contains(&contains.to_lowercase()),
         "error {e:?} should mention {contains:?}"
@@ -204,7 +220,10 @@ async fn api_against_kafka_and_postgres() {
         assert_eq!(st, 200, "{page}");
         for a in page["alerts"].as_array().unwrap() {
             assert_ne!(a["decision"], "approve");
-            assert!(a["amount"].is_string(), "amounts are exact decimal strings: {a}");
+            assert!(
+                a["amount"].is_string(),
+                "amounts are exact decimal strings: {a}"
+            );
             seen.push((
                 a["event_time"].as_str().unwrap().to_string(),
                 a["transaction_id"].as_str().unwrap().to_string(),
@@ -326,14 +345,23 @@ async fn api_against_kafka_and_postgres() {
     let raw = json!({"auth_id": "api-raw-1", "ts": at_text, "pan_token": card,
         "merchant_id": "mer_api", "amount": "5.50", "currency": "brl", "entry_mode": "chip"});
     for (path, body) in [
-        ("/v1/score?source=card", json!({"record": false, "transaction": raw})),
-        ("/v1/score", json!({"record": false, "source": "card", "transaction": raw})),
+        (
+            "/v1/score?source=card",
+            json!({"record": false, "transaction": raw}),
+        ),
+        (
+            "/v1/score",
+            json!({"record": false, "source": "card", "transaction": raw}),
+        ),
     ] {
         let (st, s) = api.post(path, &body).await;
         assert_eq!(st, 200, "{s}");
         let r = &s["results"][0];
         assert_eq!(r["transaction_id"], "api-raw-1");
-        assert_eq!(r["transaction"]["currency"], "BRL", "the mapping SQL ran: {r}");
+        assert_eq!(
+            r["transaction"]["currency"], "BRL",
+            "the mapping SQL ran: {r}"
+        );
         assert_eq!(feature(r, "card_tx_1h"), in_window + 1);
     }
 
@@ -344,16 +372,21 @@ async fn api_against_kafka_and_postgres() {
     assert_eq!(st, 200, "{rec}");
     assert_eq!(rec["recorded"], true);
     assert_eq!(rec["results"][0]["features"], r["features"]);
-    env.wait_for("the recorded transaction", Duration::from_secs(30), || async {
-        env.transactions().await == before + 1
-    })
+    env.wait_for(
+        "the recorded transaction",
+        Duration::from_secs(30),
+        || async { env.transactions().await == before + 1 },
+    )
     .await;
     let (st, t) = api.get("/v1/transactions/api-probe-1").await;
     assert_eq!(st, 200, "{t}");
     assert_eq!(t["amount"], "12.34");
     let probe2 = canonical("api-probe-2", &card, &at_text, "12.34");
     let (_, after) = api
-        .post("/v1/score", &json!({"record": false, "transaction": probe2}))
+        .post(
+            "/v1/score",
+            &json!({"record": false, "transaction": probe2}),
+        )
         .await;
     assert_eq!(
         feature(&after["results"][0], "card_tx_1h"),
@@ -394,7 +427,10 @@ async fn api_against_kafka_and_postgres() {
         .iter()
         .map(|r| r["decision"].as_str().unwrap())
         .collect();
-    assert_eq!(decisions, ["approve", "approve", "approve", "review", "review"]);
+    assert_eq!(
+        decisions,
+        ["approve", "approve", "approve", "review", "review"]
+    );
     let mut got = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !(got.contains("api-burst-3") && got.contains("api-burst-4")) {
@@ -407,7 +443,10 @@ async fn api_against_kafka_and_postgres() {
         got.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     assert!(got.contains("event: alert"), "{got}");
-    assert!(!got.contains("api-burst-2"), "approved transactions are no alerts");
+    assert!(
+        !got.contains("api-burst-2"),
+        "approved transactions are no alerts"
+    );
 
     // Labels.
     let (st, l) = api
@@ -417,17 +456,30 @@ async fn api_against_kafka_and_postgres() {
         )
         .await;
     assert_eq!(st, 201, "{l}");
-    assert_eq!((l["stored"].as_bool(), l["transaction_known"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(
+        (l["stored"].as_bool(), l["transaction_known"].as_bool()),
+        (Some(true), Some(true))
+    );
     let (st, l) = api
-        .post("/v1/labels", &json!({"transaction_id": "api-probe-1", "label": "genuine"}))
+        .post(
+            "/v1/labels",
+            &json!({"transaction_id": "api-probe-1", "label": "genuine"}),
+        )
         .await;
-    assert_eq!((st, l["stored"].as_bool()), (200, Some(false)), "first report wins");
+    assert_eq!(
+        (st, l["stored"].as_bool()),
+        (200, Some(false)),
+        "first report wins"
+    );
     let row = sqlx::query("SELECT label, report_type, source, transaction_time IS NOT NULL FROM labels WHERE transaction_id = 'api-probe-1'")
         .fetch_one(&mut db)
         .await
         .unwrap();
     assert_eq!(row.get::<String, _>(0), "fraud");
-    assert_eq!(row.get::<Option<String>, _>(1).as_deref(), Some("chargeback"));
+    assert_eq!(
+        row.get::<Option<String>, _>(1).as_deref(),
+        Some("chargeback")
+    );
     assert_eq!(row.get::<Option<String>, _>(2).as_deref(), Some("card"));
     assert!(row.get::<bool, _>(3));
     let (st, t) = api.get("/v1/transactions/api-probe-1").await;
@@ -435,14 +487,38 @@ async fn api_against_kafka_and_postgres() {
     let (st, l) = api
         .post("/v1/labels", &json!({"transaction_id": "never-seen", "label": "genuine", "reported_at": "2026-11-20T10:00:00Z"}))
         .await;
-    assert_eq!((st, l["transaction_known"].as_bool()), (201, Some(false)), "{l}");
+    assert_eq!(
+        (st, l["transaction_known"].as_bool()),
+        (201, Some(false)),
+        "{l}"
+    );
     for (body, want, why) in [
-        (json!({"transaction_id": "x", "label": "maybe"}), 422, "unknown variant"),
+        (
+            json!({"transaction_id": "x", "label": "maybe"}),
+            422,
+            "unknown variant",
+        ),
         (json!({"label": "fraud"}), 422, "transaction_id"),
-        (json!({"transaction_id": "", "label": "fraud"}), 422, "transaction_id"),
-        (json!({"transaction_id": "x", "label": "fraud", "reported_at": "soon"}), 422, "reported_at"),
-        (json!({"transaction_id": "x", "label": "fraud", "extra": 1}), 422, "unknown field"),
-        (json!({"transaction_id": "a\u{0}b", "label": "fraud"}), 422, "NUL"),
+        (
+            json!({"transaction_id": "", "label": "fraud"}),
+            422,
+            "transaction_id",
+        ),
+        (
+            json!({"transaction_id": "x", "label": "fraud", "reported_at": "soon"}),
+            422,
+            "reported_at",
+        ),
+        (
+            json!({"transaction_id": "x", "label": "fraud", "extra": 1}),
+            422,
+            "unknown field",
+        ),
+        (
+            json!({"transaction_id": "a\u{0}b", "label": "fraud"}),
+            422,
+            "NUL",
+        ),
     ] {
         let (st, e) = api.post("/v1/labels", &body).await;
         assert_error(st, &e, want, why);
@@ -454,33 +530,82 @@ async fn api_against_kafka_and_postgres() {
     let mut no_amount = good.clone();
     no_amount.as_object_mut().unwrap().remove("amount");
     let mut typo = good.clone();
-    typo.as_object_mut().unwrap().insert("amout".into(), json!("1.00"));
+    typo.as_object_mut()
+        .unwrap()
+        .insert("amout".into(), json!("1.00"));
     let mut future = good.clone();
     future["event_time"] = json!("2999-01-01T00:00:00Z");
     let mut wrong_type = good.clone();
     wrong_type["amount"] = json!({"value": 1});
     let cases: Vec<(Value, u16, &str)> = vec![
         (json!({"transaction": good}), 422, "missing field `record`"),
-        (json!({"record": "yes", "transaction": good}), 422, "invalid type"),
+        (
+            json!({"record": "yes", "transaction": good}),
+            422,
+            "invalid type",
+        ),
         (json!({"record": false}), 422, "missing `transaction`"),
         (json!({"record": false, "transactions": []}), 422, "empty"),
-        (json!({"record": false, "transaction": good, "transactions": [good]}), 422, "not both"),
-        (json!({"record": false, "transaction": 5}), 422, "not a JSON object"),
-        (json!({"record": true, "transaction": no_amount}), 422, "amount"),
-        (json!({"record": true, "transaction": typo}), 422, "unknown column"),
-        (json!({"record": true, "transaction": future}), 422, "future"),
-        (json!({"record": true, "transaction": wrong_type}), 422, "transaction 0"),
-        (json!({"record": true, "source": "nosuch", "transaction": raw}), 422, "unknown source"),
-        (json!({"record": true, "source": "card", "transaction": {"auth_id": "x"}}), 422, "missing required field"),
-        (json!({"record": true, "colour": 1, "transaction": good}), 422, "unknown field"),
-        (json!({"record": true, "transaction": canonical("a\u{0}", "c", &at_text, "1")}), 422, "NUL"),
+        (
+            json!({"record": false, "transaction": good, "transactions": [good]}),
+            422,
+            "not both",
+        ),
+        (
+            json!({"record": false, "transaction": 5}),
+            422,
+            "not a JSON object",
+        ),
+        (
+            json!({"record": true, "transaction": no_amount}),
+            422,
+            "amount",
+        ),
+        (
+            json!({"record": true, "transaction": typo}),
+            422,
+            "unknown column",
+        ),
+        (
+            json!({"record": true, "transaction": future}),
+            422,
+            "future",
+        ),
+        (
+            json!({"record": true, "transaction": wrong_type}),
+            422,
+            "transaction 0",
+        ),
+        (
+            json!({"record": true, "source": "nosuch", "transaction": raw}),
+            422,
+            "unknown source",
+        ),
+        (
+            json!({"record": true, "source": "card", "transaction": {"auth_id": "x"}}),
+            422,
+            "missing required field",
+        ),
+        (
+            json!({"record": true, "colour": 1, "transaction": good}),
+            422,
+            "unknown field",
+        ),
+        (
+            json!({"record": true, "transaction": canonical("a\u{0}", "c", &at_text, "1")}),
+            422,
+            "NUL",
+        ),
     ];
     for (body, want, why) in cases {
         let (st, e) = api.post("/v1/score", &body).await;
         assert_error(st, &e, want, why);
     }
     let (st, e) = api
-        .post("/v1/score?source=pix", &json!({"record": false, "source": "card", "transaction": raw}))
+        .post(
+            "/v1/score?source=pix",
+            &json!({"record": false, "source": "card", "transaction": raw}),
+        )
         .await;
     assert_error(st, &e, 422, "differ");
     let (st, e) = api.post_raw("/v1/score", b"{\"record\": fals").await;
@@ -495,7 +620,11 @@ async fn api_against_kafka_and_postgres() {
     assert_error(st, &e, 413, "too large");
     let (st, e) = api.get("/v1/score").await;
     assert_error(st, &e, 405, "method not allowed");
-    assert_eq!(env.transactions().await, stored, "no bad request stored anything");
+    assert_eq!(
+        env.transactions().await,
+        stored,
+        "no bad request stored anything"
+    );
 
     common::signal(&run, "TERM");
     let (status, log) = env.wait(run, Duration::from_secs(30));
@@ -522,10 +651,14 @@ async fn demo_serves_the_page_and_scores_against_the_simulated_stream() {
     assert_eq!(st, 200);
     assert!(page.contains("<title>Payguard"), "{page}");
     assert!(page.contains("/v1/stats") && page.contains("/v1/alerts"));
-    env.wait_for("alerts in the memory store", Duration::from_secs(90), || async {
-        let (st, p) = api.get("/v1/alerts?limit=5").await;
-        st == 200 && !p["alerts"].as_array().unwrap().is_empty()
-    })
+    env.wait_for(
+        "alerts in the memory store",
+        Duration::from_secs(90),
+        || async {
+            let (st, p) = api.get("/v1/alerts?limit=5").await;
+            st == 200 && !p["alerts"].as_array().unwrap().is_empty()
+        },
+    )
     .await;
     let (_, p) = api.get("/v1/alerts?limit=5").await;
     let a = &p["alerts"][0];
@@ -535,24 +668,40 @@ async fn demo_serves_the_page_and_scores_against_the_simulated_stream() {
     assert_eq!(t["decision"], a["decision"]);
     let (st, stats) = api.get("/v1/stats").await;
     assert_eq!(st, 200);
-    assert!(stats["memory_store"]["transactions"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        stats["memory_store"]["transactions"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
     // Scoring against the simulator's live history, recorded into the memory store.
     let card = t["card_id"].as_str().unwrap_or("card-x").to_string();
     let time = t["event_time"].as_str().unwrap().to_string();
     let tx = canonical("demo-probe", &card, &time, "3.00");
-    let (st, s) = api.post("/v1/score", &json!({"record": false, "transaction": tx})).await;
+    let (st, s) = api
+        .post("/v1/score", &json!({"record": false, "transaction": tx}))
+        .await;
     assert_eq!(st, 200, "{s}");
     assert!(feature(&s["results"][0], "card_tx_24h") >= 1);
-    let (st, s) = api.post("/v1/score", &json!({"record": true, "transaction": tx})).await;
+    let (st, s) = api
+        .post("/v1/score", &json!({"record": true, "transaction": tx}))
+        .await;
     assert_eq!(st, 200, "{s}");
-    env.wait_for("the recorded transaction", Duration::from_secs(30), || async {
-        api.get("/v1/transactions/demo-probe").await.0 == 200
-    })
+    env.wait_for(
+        "the recorded transaction",
+        Duration::from_secs(30),
+        || async { api.get("/v1/transactions/demo-probe").await.0 == 200 },
+    )
     .await;
     let (st, l) = api
-        .post("/v1/labels", &json!({"transaction_id": "demo-probe", "label": "fraud"}))
+        .post(
+            "/v1/labels",
+            &json!({"transaction_id": "demo-probe", "label": "fraud"}),
+        )
         .await;
-    assert_eq!((st, l["transaction_known"].as_bool()), (201, Some(true)), "{l}");
+    assert_eq!(
+        (st, l["transaction_known"].as_bool()),
+        (201, Some(true)),
+        "{l}"
+    );
     let (st, t) = api.get("/v1/transactions/demo-probe").await;
     assert_eq!((st, &t["label"]["label"]), (200, &json!("fraud")));
     common::signal(&demo, "INT");

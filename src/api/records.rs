@@ -113,12 +113,13 @@ pub async fn alerts(
                 )));
             }
         }
-        let cursor = match &q.cursor {
-            None => None,
-            Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
-                Failure::bad_request("cursor is not a next_cursor of this API")
-            })?),
-        };
+        let cursor =
+            match &q.cursor {
+                None => None,
+                Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
+                    Failure::bad_request("cursor is not a next_cursor of this API")
+                })?),
+            };
         let filter = AlertFilter {
             from: q.from,
             to: q.to,
@@ -127,7 +128,11 @@ pub async fn alerts(
             limit,
             cursor,
         };
-        let page = s.sink.alerts(&filter).await.map_err(|e| Failure::from_sink(&e))?;
+        let page = s
+            .sink
+            .alerts(&filter)
+            .await
+            .map_err(|e| Failure::from_sink(&e))?;
         Ok(AlertsPage {
             alerts: page.alerts,
             next_cursor: page.next_cursor,
@@ -198,7 +203,8 @@ pub async fn alerts_stream(
                                 {
                                     continue;
                                 }
-                                pending.push_back(Event::default().event("alert").data(a.to_string()));
+                                pending
+                                    .push_back(Event::default().event("alert").data(a.to_string()));
                             }
                         }
                         Err(RecvError::Lagged(n)) => {
@@ -235,8 +241,9 @@ pub async fn transaction(State(s): State<ApiState>, Path(id): Path<String>) -> R
     }
     match s.sink.transaction(&id).await {
         Ok(Some(t)) => Json(t).into_response(),
-        Ok(None) => Failure::new(StatusCode::NOT_FOUND, format!("no transaction {id:?}"))
-            .into_response(),
+        Ok(None) => {
+            Failure::new(StatusCode::NOT_FOUND, format!("no transaction {id:?}")).into_response()
+        }
         Err(e) => Failure::from_sink(&e).into_response(),
     }
 }

@@ -319,8 +319,8 @@ async fn score_inner(
         }
     };
     let decided = reply.map_err(rejection)?;
-    let rows = decided_json(&decided)
-        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let rows =
+        decided_json(&decided).map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(ScoreResponse {
         recorded: req.record,
         results: rows

@@ -320,7 +320,10 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
     if !(1024..=268_435_456).contains(&a.max_body_bytes) {
         err(
             "api.max_body_bytes".into(),
-            format!("must be between 1024 and 268435456, got {}", a.max_body_bytes),
+            format!(
+                "must be between 1024 and 268435456, got {}",
+                a.max_body_bytes
+            ),
         );
     }
     if !(1..=100_000).contains(&a.max_batch) {

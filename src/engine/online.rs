@@ -204,7 +204,8 @@ impl Engine {
                         .map(|d| (usize::try_from(d.offset).ok(), d.reason))
                         .collect());
                 }
-                let rows = concat_batches(&schema, &rows).map_err(|e| vec![(None, e.to_string())])?;
+                let rows =
+                    concat_batches(&schema, &rows).map_err(|e| vec![(None, e.to_string())])?;
                 if rows.num_rows() != messages.len() {
                     return Err(vec![(
                         None,
@@ -227,7 +228,11 @@ fn transaction_ids(b: &RecordBatch) -> Vec<String> {
     b.column(0)
         .as_any()
         .downcast_ref::<datafusion::arrow::array::StringArray>()
-        .map(|a| a.iter().map(|v| v.unwrap_or_default().to_string()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|v| v.unwrap_or_default().to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -290,13 +295,20 @@ mod tests {
             .await
             .unwrap();
         assert!(peeked.sink.is_none());
-        assert_eq!(engine.state_stats(), before, "peek changed the window state");
+        assert_eq!(
+            engine.state_stats(),
+            before,
+            "peek changed the window state"
+        );
         assert_eq!(engine.watermark(), watermark);
         let first = peeked.results[0].as_ref().unwrap();
         assert_eq!(first.num_rows(), 2);
         let rejected = peeked.results[1].as_ref().unwrap_err();
         assert_eq!(rejected[0].0, Some(0), "{rejected:?}");
-        assert!(rejected[0].1.contains("missing required field"), "{rejected:?}");
+        assert!(
+            rejected[0].1.contains("missing required field"),
+            "{rejected:?}"
+        );
         // Two requests in one evaluation do not see each other.
         assert_eq!(peeked.results[2].as_ref().unwrap(), first);
         let count = first.column_by_name("card_tx_10m").unwrap();
@@ -304,7 +316,11 @@ mod tests {
             .as_any()
             .downcast_ref::<datafusion::arrow::array::Int64Array>()
             .unwrap();
-        assert_eq!(count.values().to_vec(), vec![4, 5], "history plus the request's rows");
+        assert_eq!(
+            count.values().to_vec(),
+            vec![4, 5],
+            "history plus the request's rows"
+        );
 
         let recorded = engine.score_online(vec![probe()], true).await.unwrap();
         let rec = recorded.results[0].as_ref().unwrap();
@@ -315,7 +331,12 @@ mod tests {
         assert_ne!(engine.state_stats(), before);
         // Now the rows are history: peeking the same again counts them.
         let again = engine.score_online(vec![probe()], false).await.unwrap();
-        let count = again.results[0].as_ref().unwrap().column_by_name("card_tx_10m").unwrap().clone();
+        let count = again.results[0]
+            .as_ref()
+            .unwrap()
+            .column_by_name("card_tx_10m")
+            .unwrap()
+            .clone();
         let count = count
             .as_any()
             .downcast_ref::<datafusion::arrow::array::Int64Array>()

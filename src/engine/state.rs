@@ -669,18 +669,20 @@ impl WindowState {
                     continue;
                 };
                 let k = key.value(row);
-                let entity = scratch[g].entry(k).or_insert_with(|| match ks.entities.get(k) {
-                    Some(e) => e.clone(),
-                    None => Entity {
-                        series: ks
-                            .calls
-                            .iter()
-                            .map(|&c| Series::new(self.calls[c].func, self.kinds[c]))
-                            .collect(),
-                        head: i64::MIN,
-                        last_seen: 0,
-                    },
-                });
+                let entity = scratch[g]
+                    .entry(k)
+                    .or_insert_with(|| match ks.entities.get(k) {
+                        Some(e) => e.clone(),
+                        None => Entity {
+                            series: ks
+                                .calls
+                                .iter()
+                                .map(|&c| Series::new(self.calls[c].func, self.kinds[c]))
+                                .collect(),
+                            head: i64::MIN,
+                            last_seen: 0,
+                        },
+                    });
                 entity.head = entity.head.max(t);
                 for (local, &c) in ks.calls.iter().enumerate() {
                     let v = readers[c].get(row, &hasher);
@@ -941,7 +943,9 @@ mod tests {
         );
     }
 
-    fn input_of(rows: &[(&str, i64, Option<i64>)]) -> (TimestampMillisecondArray, ArrayRef, ArrayRef) {
+    fn input_of(
+        rows: &[(&str, i64, Option<i64>)],
+    ) -> (TimestampMillisecondArray, ArrayRef, ArrayRef) {
         let time = TimestampMillisecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
         let keys: ArrayRef = Arc::new(StringArray::from(
             rows.iter().map(|r| r.0).collect::<Vec<_>>(),
@@ -1034,5 +1038,4 @@ mod tests {
         let counts = together[0].as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(counts.values().to_vec(), vec![2, 3]);
     }
-
 }

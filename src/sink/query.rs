@@ -259,7 +259,11 @@ impl Sink {
             Self::Memory(mem) => {
                 for b in mem.recent().iter().rev() {
                     for row in decided_json(b).map_err(SinkError::Internal)? {
-                        if row.transaction.get("transaction_id").and_then(Value::as_str) == Some(id)
+                        if row
+                            .transaction
+                            .get("transaction_id")
+                            .and_then(Value::as_str)
+                            == Some(id)
                         {
                             let mut t: Map<String, Value> = row.transaction.clone();
                             t.insert("score".into(), row.score.clone());
