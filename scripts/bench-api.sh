@@ -8,7 +8,9 @@
 #   scripts/bench-api.sh [path/to/payguard]   (default: target/release/payguard)
 #   RATE=5000 SECONDS_PER_RUN=20 RUNS=3 CONNECTIONS=32 STREAM_RATE=2000 scripts/bench-api.sh
 #
-# Needs oha (`cargo install oha --root ~/.cache/payguard/tools`, found there or on PATH).
+# Needs oha (`cargo install oha --root ~/.cache/payguard/tools`, found there or on PATH); without
+# it, falls back to wrk (Debian `wrk`), which cannot hold a fixed rate: it then reports the
+# latency at the rate the server sustains with CONNECTIONS connections (closed loop).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,7 +21,12 @@ RUNS="${RUNS:-3}"
 CONN="${CONNECTIONS:-32}"
 STREAM_RATE="${STREAM_RATE:-2000}"
 OHA="$(command -v oha || echo "$HOME/.cache/payguard/tools/bin/oha")"
-[[ -x "$OHA" ]] || { echo "oha not found: cargo install oha --root ~/.cache/payguard/tools" >&2; exit 2; }
+TOOL=oha
+if [[ ! -x "$OHA" ]]; then
+  command -v wrk >/dev/null || { echo "neither oha nor wrk found: cargo install oha --root ~/.cache/payguard/tools" >&2; exit 2; }
+  TOOL=wrk
+  echo "oha not found: using wrk, closed loop (no fixed rate)"
+fi
 [[ -x "$BIN" ]] || { echo "no binary at $BIN" >&2; exit 2; }
 
 work="$(mktemp -d)"
@@ -73,12 +80,39 @@ print(f'{p["p50"]*1000:.3f} {p["p99"]*1000:.3f} {p["p99.9"]*1000:.3f} {r["summar
 PY
 }
 
+run_wrk() { # name, url, [body file]
+  local name="$1" url="$2" bodyfile="${3:-}"
+  if [[ -n "$bodyfile" ]]; then
+    printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = io.open("%s"):read("*a")\n' "$bodyfile" > "$work/post.lua"
+    wrk -t2 -c"$CONN" -d"${SECS}s" --latency -s "$work/post.lua" "$url" > "$work/$name.txt"
+  else
+    wrk -t2 -c"$CONN" -d"${SECS}s" --latency "$url" > "$work/$name.txt"
+  fi
+  python3 - "$work/$name.txt" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+def ms(v, u):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
+pct = {m.group(1): ms(m.group(2), m.group(3)) for m in re.finditer(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)", t, re.M)}
+total = int(re.search(r"(\d+) requests in", t).group(1)) or 1
+bad = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", t)) else 0
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+print(f'{pct["50"]:.3f} {pct["99"]:.3f} nan {rps:.0f} {(total - bad) / total:.4f}')
+PY
+}
+
 echo "stream: demo simulator at $STREAM_RATE msg/s; load: $RATE req/s, $CONN connections, ${SECS}s x $RUNS runs"
 echo "run kind    p50_ms p99_ms p99.9_ms req/s ok_share"
 : > "$work/score.txt"; : > "$work/live.txt"
 for i in $(seq 1 "$RUNS"); do
-  l="$(run_oha live "http://$addr/health/live")"; echo "$i live     $l"; echo "$l" >> "$work/live.txt"
-  s="$(run_oha score -m POST -H 'content-type: application/json' -D "$work/body.json" "http://$addr/v1/score")"
+  if [[ "$TOOL" == oha ]]; then
+    l="$(run_oha live "http://$addr/health/live")"
+    s="$(run_oha score -m POST -H 'content-type: application/json' -D "$work/body.json" "http://$addr/v1/score")"
+  else
+    l="$(run_wrk live "http://$addr/health/live")"
+    s="$(run_wrk score "http://$addr/v1/score" "$work/body.json")"
+  fi
+  echo "$i live     $l"; echo "$l" >> "$work/live.txt"
   echo "$i score    $s"; echo "$s" >> "$work/score.txt"
 done
 python3 - "$work/score.txt" "$work/live.txt" <<'PY'
