@@ -84,11 +84,11 @@ run_wrk() { # name, url, [body file]
   local name="$1" url="$2" bodyfile="${3:-}"
   if [[ -n "$bodyfile" ]]; then
     printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = io.open("%s"):read("*a")\n' "$bodyfile" > "$work/post.lua"
-    wrk -t2 -c"$CONN" -d"${SECS}s" --latency -s "$work/post.lua" "$url" > "$work/$name.txt"
+    wrk -t2 -c"$CONN" -d"${SECS}s" --latency -s "$work/post.lua" "$url" > "$work/$name.raw"
   else
-    wrk -t2 -c"$CONN" -d"${SECS}s" --latency "$url" > "$work/$name.txt"
+    wrk -t2 -c"$CONN" -d"${SECS}s" --latency "$url" > "$work/$name.raw"
   fi
-  python3 - "$work/$name.txt" <<'PY'
+  python3 - "$work/$name.raw" <<'PY'
 import re, sys
 t = open(sys.argv[1]).read()
 def ms(v, u):
