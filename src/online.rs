@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use serde_json::{Map, Value};
@@ -253,11 +253,4 @@ pub fn batch_json(b: &RecordBatch) -> Result<Vec<Map<String, Value>>, String> {
     }
     let v: Vec<Map<String, Value>> = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     Ok(v)
-}
-
-/// The `decision` column of decided rows.
-pub fn decisions(b: &RecordBatch) -> Option<&StringArray> {
-    b.column_by_name(DECISION)
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .filter(|d| d.len() == b.num_rows())
 }
