@@ -16,7 +16,8 @@
 //! - [`sink`]: PostgreSQL (COPY, offsets in the same transaction: exactly-once) and memory.
 //! - [`pipeline`]: wiring of the stages with bounded channels and one cancellation token.
 //! - [`replay`]: the same SQL offline over files, to Parquet (training sets, backtests).
-//! - [`api`]: HTTP health, figures and metrics (axum).
+//! - [`api`]: HTTP API (axum): scoring, alerts, transactions, labels, health, metrics, OpenAPI.
+//! - [`online`]: the link between the API and the engine task (scoring jobs, alert events).
 //! - [`metrics`]: counters, gauges, histograms in Prometheus text format.
 //! - [`app`]: glue behind the CLI commands.
 //! - [`bench`]: `payguard bench` measurements (BENCHMARKS.md).
