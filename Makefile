@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test lint unit services-up services-down build release bench clean-services model model-venv
+.PHONY: demo test lint unit services-up services-down build release bench clean-services model model-venv api-fuzz
 
 ## Build and run the self-contained demo (simulator -> SQL -> memory store, HTTP API on :8080).
 demo:
@@ -15,6 +15,10 @@ test: services-up lint
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+## Schemathesis against the demo's /openapi.json (fails on any 5xx).
+api-fuzz: build
+	bash .ci/api-fuzz.sh
 
 ## Unit tests only (no services needed).
 unit:

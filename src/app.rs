@@ -88,7 +88,7 @@ pub async fn connect_sink(
 }
 
 /// `payguard run` and `payguard demo`: the pipeline with the API beside it.
-pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<RunSummary> {
+pub async fn run(config: Config, mut opts: RunOptions) -> anyhow::Result<RunSummary> {
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let metrics = Arc::new(Metrics::default());
@@ -98,10 +98,12 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<RunSummary>
     let sink = connect_sink(&config, &metrics, &cancel).await?;
     let api_cancel = CancellationToken::new();
     let api = if config.api.enabled {
-        let state = ApiState {
-            metrics: metrics.clone(),
-            sink: sink.clone(),
-        };
+        let online = crate::online::OnlineLink::new(config.api.score_queue);
+        opts.online = Some(online.clone());
+        let state = ApiState::new(config.clone(), metrics.clone(), sink.clone(), Some(online))?;
+        if state.auth_required() {
+            tracing::info!("API keys required on /v1/*");
+        }
         let (addr, handle) = api::serve(&config.api.listen, state, api_cancel.clone()).await?;
         tracing::info!(%addr, "HTTP API listening");
         Some(handle)

@@ -697,6 +697,7 @@ pub async fn e2e(config: &Config, count: u64, runs: usize) -> Result<E2eBench, B
             crate::pipeline::RunOptions {
                 stop_at_end: true,
                 max_messages: None,
+                ..Default::default()
             },
             metrics,
             cancel,

@@ -16,9 +16,10 @@
 //! - [`sink`]: PostgreSQL (COPY, offsets in the same transaction: exactly-once) and memory.
 //! - [`pipeline`]: wiring of the stages with bounded channels and one cancellation token.
 //! - [`replay`]: the same SQL offline over files, to Parquet (training sets, backtests).
-//! - [`api`]: HTTP health, figures and metrics (axum).
+//! - [`api`]: HTTP API (axum): scoring, alerts, transactions, labels, health, metrics, OpenAPI.
 //! - [`model`]: the ONNX fraud model (ort): batched scoring from Arrow, feature contract checks,
 //!   explanations by occlusion.
+//! - [`online`]: the link between the API and the engine task (scoring jobs, alert events).
 //! - [`metrics`]: counters, gauges, histograms in Prometheus text format.
 //! - [`app`]: glue behind the CLI commands.
 //! - [`bench`]: `payguard bench` measurements (BENCHMARKS.md).
@@ -31,6 +32,7 @@ pub mod decode;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod online;
 pub mod pipeline;
 pub mod replay;
 pub mod sink;

@@ -299,6 +299,7 @@ async fn dispatch(command: Command) -> ExitCode {
             let opts = RunOptions {
                 stop_at_end,
                 max_messages: None,
+                ..Default::default()
             };
             finish(app::run(config, opts).await.map(|_| ()))
         }
@@ -339,12 +340,13 @@ async fn dispatch(command: Command) -> ExitCode {
                 config.model = None;
             }
             eprintln!(
-                "payguard demo: simulator -> SQL -> memory store; figures at http://{}/v1/stats (Ctrl-C stops)",
+                "payguard demo: simulator -> SQL -> memory store; live page at http://{}/ (Ctrl-C stops)",
                 config.api.listen
             );
             let opts = RunOptions {
                 stop_at_end: false,
                 max_messages: count,
+                ..Default::default()
             };
             finish(app::run(config, opts).await.map(|_| ()))
         }

@@ -59,6 +59,8 @@ pub struct RunOptions {
     pub stop_at_end: bool,
     /// Simulator: stop after this many messages.
     pub max_messages: Option<u64>,
+    /// The HTTP API's scoring jobs and alert events (`POST /v1/score`, `/v1/alerts/stream`).
+    pub online: Option<crate::online::OnlineLink>,
 }
 
 /// What a run did.
@@ -191,9 +193,32 @@ pub async fn run(
     let engine_metrics = metrics.clone();
     let engine_cancel = input_cancel.clone();
     let engine_config = config.clone();
+    let mut jobs = opts.online.as_ref().and_then(|o| o.take_jobs());
     let engine_task = tokio::spawn(async move {
+        // Scoring requests are served first (latency), but never twice in a row while a batch waits.
+        let mut served_jobs = false;
         loop {
+            if served_jobs {
+                served_jobs = false;
+                if let Ok(b) = batch_rx.try_recv() {
+                    if !process_batch(&mut engine, b, &done_tx, &engine_metrics, &engine_cancel)
+                        .await?
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            }
             let batch = tokio::select! {
+                biased;
+                Some(job) = next_job(&mut jobs) => {
+                    served_jobs = true;
+                    let rx = jobs.as_mut().expect("a job came from it");
+                    if !crate::online::serve(&mut engine, job, rx, &done_tx, &engine_metrics).await {
+                        break;
+                    }
+                    continue;
+                }
                 b = batch_rx.recv() => match b {
                     Some(b) => b,
                     None => break,
@@ -203,23 +228,19 @@ pub async fn run(
                     continue;
                 }
             };
-            let t = Instant::now();
-            match engine.process(batch, &engine_metrics).await {
-                Ok(out) => {
-                    engine_metrics
-                        .engine_time
-                        .observe(t.elapsed().as_secs_f64());
-                    if done_tx.send(out).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    engine_cancel.cancel();
-                    return Err(e);
-                }
+            if !process_batch(
+                &mut engine,
+                batch,
+                &done_tx,
+                &engine_metrics,
+                &engine_cancel,
+            )
+            .await?
+            {
+                break;
             }
         }
-        Ok(())
+        Ok::<(), EngineError>(())
     });
 
     // Sink stage, in this task.
@@ -255,6 +276,9 @@ pub async fn run(
                     metrics.transactions_out.add(stats.inserted);
                     metrics.duplicates.add(stats.duplicates);
                     count_decisions(&batch, &metrics);
+                    if let Some(online) = &opts.online {
+                        online.publish_alerts(&batch);
+                    }
                     for d in &batch.dead_letters {
                         metrics.dead_letter(&d.source, &d.reason);
                         tracing::warn!(source = %d.source, topic = %d.topic, partition = d.partition,
@@ -303,6 +327,38 @@ pub async fn run(
     result?;
     engine_result?;
     Ok(summary)
+}
+
+/// Run one micro-batch through the engine and hand it to the sink stage; false when the sink
+/// stage is gone. An engine error cancels the inputs and is returned.
+async fn process_batch(
+    engine: &mut Engine,
+    batch: crate::source::Batch,
+    done_tx: &mpsc::Sender<SinkBatch>,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> Result<bool, EngineError> {
+    let t = Instant::now();
+    match engine.process(batch, metrics).await {
+        Ok(out) => {
+            metrics.engine_time.observe(t.elapsed().as_secs_f64());
+            Ok(done_tx.send(out).await.is_ok())
+        }
+        Err(e) => {
+            cancel.cancel();
+            Err(e)
+        }
+    }
+}
+
+/// The next scoring job; pending forever without a job queue.
+async fn next_job(
+    jobs: &mut Option<mpsc::Receiver<crate::online::ScoreJob>>,
+) -> Option<crate::online::ScoreJob> {
+    match jobs {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Partitions of every source topic; a topic that does not exist yet is waited for (it may be

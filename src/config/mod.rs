@@ -342,6 +342,26 @@ pub struct ApiConfig {
     /// Listen address, `ip:port`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// API keys accepted on `/v1/*` (header `Authorization: Bearer <key>` or `X-API-Key`); with
+    /// none here nor in `api_key_env`, the API is open.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Environment variable holding more API keys, comma-separated (keeps them out of the file);
+    /// empty: none.
+    #[serde(default = "default_api_key_env")]
+    pub api_key_env: String,
+    /// Largest request body accepted, in bytes (larger: 413).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Most transactions in one `POST /v1/score` request.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Scoring requests waiting for the engine at most; beyond, 503 with `Retry-After`.
+    #[serde(default = "default_score_queue")]
+    pub score_queue: usize,
+    /// How long a scoring request waits for the engine before a 503.
+    #[serde(default = "default_score_timeout_ms")]
+    pub score_timeout_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -349,8 +369,30 @@ impl Default for ApiConfig {
         Self {
             enabled: true,
             listen: default_listen(),
+            api_keys: Vec::new(),
+            api_key_env: default_api_key_env(),
+            max_body_bytes: default_max_body_bytes(),
+            max_batch: default_max_batch(),
+            score_queue: default_score_queue(),
+            score_timeout_ms: default_score_timeout_ms(),
         }
     }
+}
+
+fn default_api_key_env() -> String {
+    "PAYGUARD_API_KEYS".into()
+}
+fn default_max_body_bytes() -> usize {
+    1_048_576
+}
+fn default_max_batch() -> usize {
+    1000
+}
+fn default_score_queue() -> usize {
+    4096
+}
+fn default_score_timeout_ms() -> u64 {
+    2000
 }
 
 /// `[simulator]`

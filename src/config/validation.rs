@@ -367,6 +367,40 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
             format!("\"{}\" is not an ip:port address", config.api.listen),
         );
     }
+    let a = &config.api;
+    if !(1024..=268_435_456).contains(&a.max_body_bytes) {
+        err(
+            "api.max_body_bytes".into(),
+            format!(
+                "must be between 1024 and 268435456, got {}",
+                a.max_body_bytes
+            ),
+        );
+    }
+    if !(1..=100_000).contains(&a.max_batch) {
+        err(
+            "api.max_batch".into(),
+            format!("must be between 1 and 100000, got {}", a.max_batch),
+        );
+    }
+    if !(1..=1_000_000).contains(&a.score_queue) {
+        err(
+            "api.score_queue".into(),
+            format!("must be between 1 and 1000000, got {}", a.score_queue),
+        );
+    }
+    if !(1..=600_000).contains(&a.score_timeout_ms) {
+        err(
+            "api.score_timeout_ms".into(),
+            format!("must be between 1 and 600000, got {}", a.score_timeout_ms),
+        );
+    }
+    if a.api_keys.iter().any(|k| k.trim().len() < 16) {
+        err(
+            "api.api_keys".into(),
+            "every key must have at least 16 characters".into(),
+        );
+    }
 
     let s = &config.simulator;
     if !(0.0..=0.5).contains(&s.fraud_rate) {

@@ -318,7 +318,7 @@ impl FeatureStage {
         };
         // Labels first: this batch's transactions are indexed so that labels of theirs in the
         // same batch are attributed; a label only counts for rows at or after its report time.
-        if self.labels.is_active() {
+        if self.labels.is_active() && !self.state.peeking() {
             self.index_rows(canonical, &time, &keys)?;
             self.labels.resolve();
         }
@@ -413,5 +413,15 @@ pub fn concat_or_empty(
             file: file.to_path_buf(),
             source,
         }),
+    }
+}
+
+/// Online scoring (`POST /v1/score`): evaluation without recording.
+impl FeatureStage {
+    /// Make the next [`FeatureStage::process`] calls leave the window state unchanged (see
+    /// [`super::state::WindowState::peek`]): `groups` gives each row's request; `None` records
+    /// again.
+    pub fn set_peek(&mut self, groups: Option<Vec<u32>>) {
+        self.state.set_peek(groups);
     }
 }

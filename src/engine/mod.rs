@@ -11,6 +11,7 @@ pub mod aggregates;
 pub mod canonical;
 pub mod features;
 pub mod labels;
+pub mod online;
 pub mod rules;
 pub mod sql;
 pub mod state;

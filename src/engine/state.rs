@@ -358,7 +358,7 @@ impl Out {
 }
 
 /// An entity's series, one per call of its key.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entity {
     series: Vec<Series>,
     /// Newest event time of the entity (over all its series).
@@ -401,6 +401,8 @@ pub struct WindowState {
     evicted_idle: u64,
     evicted_budget: u64,
     rows_since_sweep: usize,
+    /// When set, the next [`WindowState::process`] is a [`WindowState::peek`] with these groups.
+    peek_groups: Option<Vec<u32>>,
 }
 
 /// Columns read by [`WindowState::process`].
@@ -445,6 +447,7 @@ impl WindowState {
             evicted_idle: 0,
             evicted_budget: 0,
             rows_since_sweep: 0,
+            peek_groups: None,
         }
     }
 
@@ -455,6 +458,9 @@ impl WindowState {
 
     /// Compute the window columns of a batch, row by row in batch order, updating the state.
     pub fn process(&mut self, input: &WindowInput<'_>) -> Result<Vec<ArrayRef>, ArrowError> {
+        if let Some(groups) = &self.peek_groups {
+            return self.peek(input, groups);
+        }
         let n = input.time.len();
         let mut builders: Vec<Builder> = self
             .calls
@@ -584,6 +590,123 @@ impl WindowState {
             evicted_idle: self.evicted_idle,
             evicted_budget: self.evicted_budget,
         }
+    }
+}
+
+/// Non-mutating evaluation, for online scoring (`POST /v1/score` with `record: false`).
+impl WindowState {
+    /// Whether [`WindowState::process`] only peeks (state left as it was).
+    pub fn peeking(&self) -> bool {
+        self.peek_groups.is_some()
+    }
+
+    /// Make the next [`WindowState::process`] calls evaluate without changing the state (see
+    /// [`WindowState::peek`]), with `groups` as the rows' isolation groups; `None` goes back to
+    /// recording.
+    pub fn set_peek(&mut self, groups: Option<Vec<u32>>) {
+        self.peek_groups = groups;
+    }
+
+    /// Compute the window columns of a batch exactly as [`WindowState::process`] would, without
+    /// changing the state: every row is evaluated against a copy of its entity's series. Rows of
+    /// the same group (consecutive equal values of `groups`, one per row; one request) see the
+    /// earlier rows of their group as `process` would; rows of other groups never see each other.
+    pub fn peek(
+        &self,
+        input: &WindowInput<'_>,
+        groups: &[u32],
+    ) -> Result<Vec<ArrayRef>, ArrowError> {
+        let n = input.time.len();
+        if groups.len() != n {
+            return Err(ArrowError::InvalidArgumentError(format!(
+                "peek: {} groups for {n} rows",
+                groups.len()
+            )));
+        }
+        let mut builders: Vec<Builder> = self
+            .calls
+            .iter()
+            .zip(&self.kinds)
+            .map(|(c, k)| Builder::new(output_type(c.func, *k), n))
+            .collect();
+        let keys: Vec<ArrayRef> = input
+            .keys
+            .iter()
+            .map(|k| {
+                if k.data_type() == &DataType::Utf8 {
+                    Ok(k.clone())
+                } else {
+                    cast(k, &DataType::Utf8)
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let keys: Vec<&StringArray> = keys
+            .iter()
+            .map(|k| {
+                k.as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("cast to Utf8")
+            })
+            .collect();
+        let args: Vec<Option<ArrayRef>> = input
+            .args
+            .iter()
+            .zip(&self.kinds)
+            .map(|(a, k)| match a {
+                Some(a) if a.data_type() != &k.read_type() => cast(a, &k.read_type()).map(Some),
+                other => Ok(other.clone()),
+            })
+            .collect::<Result<_, _>>()?;
+        let readers: Vec<Reader<'_>> = args
+            .iter()
+            .zip(&self.kinds)
+            .zip(&self.calls)
+            .map(|((a, k), c)| Reader::new(a.as_ref(), *k, c.func == WindowFunc::Lag))
+            .collect();
+        let hasher = FixedHasher;
+        // Copies of the entities the current group touched, per key.
+        let mut scratch: Vec<HashMap<&str, Entity>> = vec![HashMap::new(); self.keys.len()];
+        for row in 0..n {
+            if row > 0 && groups[row] != groups[row - 1] {
+                scratch.iter_mut().for_each(HashMap::clear);
+            }
+            let t = if input.time.is_null(row) {
+                None
+            } else {
+                Some(input.time.value(row))
+            };
+            for (g, ks) in self.keys.iter().enumerate() {
+                let key = keys[g];
+                let (Some(t), false) = (t, key.is_null(row)) else {
+                    for &c in &ks.calls {
+                        builders[c].push_empty(self.calls[c].func);
+                    }
+                    continue;
+                };
+                let k = key.value(row);
+                let entity = scratch[g]
+                    .entry(k)
+                    .or_insert_with(|| match ks.entities.get(k) {
+                        Some(e) => e.clone(),
+                        None => Entity {
+                            series: ks
+                                .calls
+                                .iter()
+                                .map(|&c| Series::new(self.calls[c].func, self.kinds[c]))
+                                .collect(),
+                            head: i64::MIN,
+                            last_seen: 0,
+                        },
+                    });
+                entity.head = entity.head.max(t);
+                for (local, &c) in ks.calls.iter().enumerate() {
+                    let v = readers[c].get(row, &hasher);
+                    let out = entity.series[local].push(t, v, &self.calls[c], self.keep_ms);
+                    builders[c].push(out);
+                }
+            }
+        }
+        Ok(builders.into_iter().map(Builder::finish).collect())
     }
 }
 
@@ -833,5 +956,101 @@ mod tests {
             ints(3),
             vec![Some(1), Some(2), Some(10), Some(2), Some(4), Some(8)]
         );
+    }
+
+    fn input_of(
+        rows: &[(&str, i64, Option<i64>)],
+    ) -> (TimestampMillisecondArray, ArrayRef, ArrayRef) {
+        let time = TimestampMillisecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+        let keys: ArrayRef = Arc::new(StringArray::from(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        ));
+        let arg: ArrayRef = Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        ));
+        (time, keys, arg)
+    }
+
+    fn all_calls() -> (Vec<WindowCall>, Vec<ArgKind>) {
+        (
+            vec![
+                call(WindowFunc::CountStar, 10_000),
+                call(WindowFunc::Sum, 10_000),
+                call(WindowFunc::Lag, 100_000),
+                call(WindowFunc::Max, 10_000),
+                call(WindowFunc::CountDistinct, 10_000),
+            ],
+            vec![ArgKind::Int; 5],
+        )
+    }
+
+    fn eval(
+        st: &mut WindowState,
+        rows: &[(&str, i64, Option<i64>)],
+        peek: Option<&[u32]>,
+    ) -> Vec<ArrayRef> {
+        let (time, keys, arg) = input_of(rows);
+        let input = WindowInput {
+            time: &time,
+            keys: vec![keys],
+            args: vec![Some(arg); st.calls.len()],
+        };
+        match peek {
+            Some(g) => st.peek(&input, g).unwrap(),
+            None => st.process(&input).unwrap(),
+        }
+    }
+
+    #[test]
+    fn peek_leaves_the_state_unchanged_and_equals_a_recorded_evaluation() {
+        let (calls, kinds) = all_calls();
+        let mut st = WindowState::new(calls, kinds, &[0; 5], 1, 60_000, 1000);
+        let history = [
+            ("a", 0, Some(1)),
+            ("a", 5_000, Some(2)),
+            ("b", 6_000, Some(10)),
+            ("a", 9_000, Some(7)),
+        ];
+        eval(&mut st, &history, None);
+        let before = st.stats();
+        // In order, out of order (late), a new entity, and a second row of the same entity.
+        let probe = [
+            ("a", 12_000, Some(5)),
+            ("a", 3_000, Some(4)),
+            ("c", 12_000, Some(3)),
+            ("b", 14_000, Some(1)),
+            ("b", 15_000, Some(1)),
+        ];
+        let one_group = [0u32; 5];
+        let peeked = eval(&mut st, &probe, Some(&one_group));
+        assert_eq!(st.stats(), before, "peek changed the state");
+        // Peeking again gives the same (nothing was recorded the first time).
+        assert_eq!(eval(&mut st, &probe, Some(&one_group)), peeked);
+        // The switch through process() is the same evaluation.
+        st.set_peek(Some(one_group.to_vec()));
+        assert_eq!(eval(&mut st, &probe, None), peeked);
+        st.set_peek(None);
+        assert_eq!(st.stats(), before);
+        // Recording the same rows gives the same results, and changes the state.
+        let recorded = eval(&mut st, &probe, None);
+        assert_eq!(recorded, peeked);
+        assert_ne!(st.stats(), before);
+    }
+
+    #[test]
+    fn peek_groups_do_not_see_each_other() {
+        let (calls, kinds) = all_calls();
+        let mut st = WindowState::new(calls, kinds, &[0; 5], 1, 60_000, 1000);
+        eval(&mut st, &[("a", 0, Some(1))], None);
+        let rows = [("a", 1_000, Some(2)), ("a", 1_000, Some(2))];
+        let separate = eval(&mut st, &rows, Some(&[0, 1]));
+        let alone = eval(&mut st, &rows[..1], Some(&[0]));
+        for (col, single) in separate.iter().zip(&alone) {
+            assert_eq!(&col.slice(0, 1), single);
+            assert_eq!(&col.slice(1, 1), single, "the second group saw the first");
+        }
+        let together = eval(&mut st, &rows, Some(&[0, 0]));
+        let counts = together[0].as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(counts.values().to_vec(), vec![2, 3]);
     }
 }

@@ -25,6 +25,7 @@ struct Store {
     id_order: VecDeque<String>,
     total_rows: u64,
     total_dead: u64,
+    labels: std::collections::HashMap<String, super::query::Label>,
 }
 
 /// The memory sink (cheap to clone; clones share the store).
@@ -136,5 +137,25 @@ impl MemorySink {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// Store a label unless the transaction has one (the first report wins).
+    pub fn insert_label(&self, label: super::query::Label) -> bool {
+        let mut s = self.store.lock().expect("store lock");
+        if s.labels.contains_key(&label.transaction_id) {
+            return false;
+        }
+        s.labels.insert(label.transaction_id.clone(), label);
+        true
+    }
+
+    /// The label of a transaction.
+    pub fn label(&self, transaction_id: &str) -> Option<super::query::Label> {
+        self.store
+            .lock()
+            .expect("store lock")
+            .labels
+            .get(transaction_id)
+            .cloned()
     }
 }

@@ -9,6 +9,7 @@ pub mod copy;
 mod labels;
 pub mod memory;
 pub mod postgres;
+pub mod query;
 
 use std::collections::HashMap;
 

@@ -1,0 +1,256 @@
+//! The link between the HTTP API and the pipeline: scoring jobs go to the engine task through a
+//! bounded channel and are served between two micro-batches ([`serve`]); committed alerts come
+//! back as events for `GET /v1/alerts/stream` ([`OnlineLink::publish_alerts`]).
+
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use serde_json::{Map, Value};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::engine::online::{OnlineInput, Rejection};
+use crate::engine::{DECISION, Engine, MODEL_VERSION, RULE_HITS, SCORE, canonical};
+use crate::metrics::Metrics;
+use crate::sink::SinkBatch;
+
+/// Jobs served per turn of the engine task (one evaluation of the SQL stages for all of them).
+const MAX_JOBS_PER_TURN: usize = 512;
+
+/// One `POST /v1/score` request, for the engine task.
+#[derive(Debug)]
+pub struct ScoreJob {
+    /// Its transactions.
+    pub input: OnlineInput,
+    /// Whether they enter the history and are stored.
+    pub record: bool,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<ScoreReply>,
+}
+
+/// The answer to a [`ScoreJob`]: the decided rows, or why they were refused.
+pub type ScoreReply = Result<RecordBatch, Rejection>;
+
+/// Alerts of one committed batch, as JSON objects (the columns of the `alerts` table).
+pub type AlertEvent = Arc<Vec<Value>>;
+
+/// Both ends of the API <-> pipeline link (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct OnlineLink {
+    jobs_tx: mpsc::Sender<ScoreJob>,
+    jobs_rx: Arc<Mutex<Option<mpsc::Receiver<ScoreJob>>>>,
+    alerts: broadcast::Sender<AlertEvent>,
+}
+
+impl OnlineLink {
+    /// A link whose job queue holds `capacity` requests.
+    pub fn new(capacity: usize) -> Self {
+        let (jobs_tx, jobs_rx) = mpsc::channel(capacity.max(1));
+        let (alerts, _) = broadcast::channel(1024);
+        Self {
+            jobs_tx,
+            jobs_rx: Arc::new(Mutex::new(Some(jobs_rx))),
+            alerts,
+        }
+    }
+
+    /// The sending end of the job queue (the API).
+    pub fn jobs(&self) -> &mpsc::Sender<ScoreJob> {
+        &self.jobs_tx
+    }
+
+    /// The receiving end of the job queue, taken once by the engine task.
+    pub fn take_jobs(&self) -> Option<mpsc::Receiver<ScoreJob>> {
+        self.jobs_rx.lock().expect("jobs lock").take()
+    }
+
+    /// New alerts as they are committed.
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<AlertEvent> {
+        self.alerts.subscribe()
+    }
+
+    /// Publish the alerts of a committed batch (nothing is done without a subscriber).
+    pub fn publish_alerts(&self, batch: &SinkBatch) {
+        if self.alerts.receiver_count() == 0 {
+            return;
+        }
+        let alerts: Vec<Value> = batch
+            .transactions
+            .iter()
+            .flat_map(|b| decided_json(b).unwrap_or_default())
+            .filter(|r| r.decision != "approve")
+            .map(|r| r.alert())
+            .collect();
+        if !alerts.is_empty() {
+            let _ = self.alerts.send(Arc::new(alerts));
+        }
+    }
+}
+
+/// Serve `first` and the jobs already waiting behind it (at most [`MAX_JOBS_PER_TURN`]), in
+/// arrival order; runs of jobs with the same `record` are evaluated together. Recorded rows are
+/// sent to the sink. Returns false when the sink stage is gone.
+pub async fn serve(
+    engine: &mut Engine,
+    first: ScoreJob,
+    jobs: &mut mpsc::Receiver<ScoreJob>,
+    done: &mpsc::Sender<SinkBatch>,
+    metrics: &Metrics,
+) -> bool {
+    let t = std::time::Instant::now();
+    let mut all = vec![first];
+    while all.len() < MAX_JOBS_PER_TURN {
+        match jobs.try_recv() {
+            Ok(j) => all.push(j),
+            Err(_) => break,
+        }
+    }
+    let mut alive = true;
+    let mut rest = all.into_iter().peekable();
+    while let Some(job) = rest.next() {
+        let record = job.record;
+        let mut run = vec![job];
+        while let Some(j) = rest.next_if(|j| j.record == record) {
+            run.push(j);
+        }
+        let (inputs, replies): (Vec<_>, Vec<_>) =
+            run.into_iter().map(|j| (j.input, j.reply)).unzip();
+        match engine.score_online(inputs, record).await {
+            Ok(out) => {
+                for (reply, result) in replies.into_iter().zip(out.results) {
+                    let _ = reply.send(result);
+                }
+                if let Some(batch) = out.sink
+                    && done.send(batch).await.is_err()
+                {
+                    alive = false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "online scoring failed");
+                for reply in replies {
+                    let _ = reply.send(Err(vec![(None, format!("evaluation failed: {e}"))]));
+                }
+            }
+        }
+    }
+    metrics.engine_time.observe(t.elapsed().as_secs_f64());
+    alive
+}
+
+/// One decided row as JSON, split by role.
+#[derive(Debug, Clone)]
+pub struct DecidedJson {
+    /// Canonical columns (amount as an exact decimal string).
+    pub transaction: Map<String, Value>,
+    /// Feature columns.
+    pub features: Map<String, Value>,
+    /// Model score (null without a model).
+    pub score: Value,
+    /// Model version (null without a model).
+    pub model_version: Value,
+    /// approve, review or decline.
+    pub decision: String,
+    /// The rule hits (`[{rule, severity, reason}]`).
+    pub rule_hits: Value,
+}
+
+impl DecidedJson {
+    /// The row as an alert (the columns of the `alerts` table).
+    pub fn alert(&self) -> Value {
+        let mut a = Map::new();
+        for k in [
+            "transaction_id",
+            "event_time",
+            "source",
+            "amount",
+            "currency",
+            "customer_id",
+            "card_id",
+            "merchant_id",
+        ] {
+            a.insert(
+                k.into(),
+                self.transaction.get(k).cloned().unwrap_or(Value::Null),
+            );
+        }
+        a.insert(DECISION.into(), Value::String(self.decision.clone()));
+        a.insert(SCORE.into(), self.score.clone());
+        a.insert(MODEL_VERSION.into(), self.model_version.clone());
+        a.insert(RULE_HITS.into(), self.rule_hits.clone());
+        a.insert("features".into(), Value::Object(self.features.clone()));
+        Value::Object(a)
+    }
+}
+
+/// Decided rows (canonical columns, features, score, model_version, decision, rule_hits) as
+/// JSON; decimals become exact strings, timestamps RFC 3339.
+pub fn decided_json(b: &RecordBatch) -> Result<Vec<DecidedJson>, String> {
+    let rows = batch_json(b)?;
+    let n_canonical = canonical::COLUMNS.len();
+    let score_at = b.schema().index_of(SCORE).map_err(|e| e.to_string())?;
+    let names: Vec<String> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    Ok(rows
+        .into_iter()
+        .map(|mut row| {
+            let mut transaction = Map::new();
+            let mut features = Map::new();
+            for (i, name) in names.iter().enumerate() {
+                if i < n_canonical {
+                    transaction.insert(name.clone(), row.remove(name).unwrap_or(Value::Null));
+                } else if i < score_at {
+                    features.insert(name.clone(), row.remove(name).unwrap_or(Value::Null));
+                }
+            }
+            let rule_hits = match row.remove(RULE_HITS) {
+                Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+                other => other.unwrap_or(Value::Array(vec![])),
+            };
+            DecidedJson {
+                transaction,
+                features,
+                score: row.remove(SCORE).unwrap_or(Value::Null),
+                model_version: row.remove(MODEL_VERSION).unwrap_or(Value::Null),
+                decision: match row.remove(DECISION) {
+                    Some(Value::String(s)) => s,
+                    _ => String::new(),
+                },
+                rule_hits,
+            }
+        })
+        .collect())
+}
+
+/// Every row of a batch as a JSON object with every column (nulls explicit); decimals as strings.
+pub fn batch_json(b: &RecordBatch) -> Result<Vec<Map<String, Value>>, String> {
+    let mut fields = Vec::with_capacity(b.num_columns());
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(b.num_columns());
+    for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+        if matches!(f.data_type(), DataType::Decimal128(..)) {
+            cols.push(cast(c, &DataType::Utf8).map_err(|e| e.to_string())?);
+            fields.push(Field::new(f.name(), DataType::Utf8, true));
+        } else {
+            cols.push(c.clone());
+            fields.push(f.as_ref().clone());
+        }
+    }
+    let text_batch =
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| e.to_string())?;
+    let mut w = datafusion::arrow::json::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, datafusion::arrow::json::writer::JsonArray>(Vec::new());
+    w.write(&text_batch).map_err(|e| e.to_string())?;
+    w.finish().map_err(|e| e.to_string())?;
+    let bytes = w.into_inner();
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: Vec<Map<String, Value>> = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    Ok(v)
+}
