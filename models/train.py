@@ -296,8 +296,15 @@ def write_card(path: str, ctx: dict) -> None:
              f"{ctx['splits']['test']['frauds']}); the rules still catch some of them (combined recall above).")
     L.append("- Trained and tested on simulated traffic only (`payguard generate`, six scenarios). "
              "Fraud patterns it has never seen, and real traffic's drift, are not measured here.")
-    L.append("- Features see only the payment stream, not labels: a merchant or device already known "
-             "to be fraudulent is not remembered unless features.sql learns label-based features.")
+    label_feats = [f for f in ctx.get("features", []) if "labels" in str(f)]
+    if label_feats:
+        L.append("- Label features (" + ", ".join(f"`{f}`" for f in label_feats) + ") only know the "
+                 "fraud reported before each transaction: the first frauds of a new merchant, terminal "
+                 "or card, before any report, rely on the behaviour features alone.")
+    else:
+        L.append("- Features see only the payment stream, not labels: a merchant or device already "
+                 "known to be fraudulent is not remembered unless features.sql learns label-based "
+                 "features (fraud_labels(*)).")
     L.append("- The first transactions of a card/customer have no history: velocity features are "
              "near zero and the score relies on the amount, hour and channel.")
     L.append("")

@@ -33,14 +33,3 @@ SELECT transaction_id, 'very_high_model_score', 'decline',
 FROM scored
 WHERE score >= 0.98
 
-UNION ALL
-SELECT transaction_id, 'card_reported_fraud', 'decline',
-       concat('card has ', card_fraud_labels_90d, ' confirmed fraud report(s) in 90 days and is still in use')
-FROM scored
-WHERE card_fraud_labels_90d > 0
-
-UNION ALL
-SELECT transaction_id, 'terminal_with_fraud_reports', 'review',
-       concat('terminal ', terminal_id, ' has ', terminal_fraud_labels_30d, ' confirmed fraud reports in 30 days')
-FROM scored
-WHERE terminal_fraud_labels_30d >= 2

@@ -456,19 +456,22 @@ impl WindowState {
         &self.kinds
     }
 
-    /// Compute the window columns of a batch, row by row in batch order, updating the state.
-    pub fn process(&mut self, input: &WindowInput<'_>) -> Result<Vec<ArrayRef>, ArrowError> {
-        if let Some(groups) = &self.peek_groups {
-            return self.peek(input, groups);
-        }
-        let n = input.time.len();
-        let mut builders: Vec<Builder> = self
-            .calls
+    /// One result builder per call.
+    fn builders(&self, n: usize) -> Vec<Builder> {
+        self.calls
             .iter()
             .zip(&self.kinds)
             .map(|(c, k)| Builder::new(output_type(c.func, *k), n))
-            .collect();
-        let keys: Vec<ArrayRef> = input
+            .collect()
+    }
+
+    /// The input's keys as text and its arguments in the types the readers take.
+    #[allow(clippy::type_complexity)]
+    fn read_columns(
+        &self,
+        input: &WindowInput<'_>,
+    ) -> Result<(Vec<ArrayRef>, Vec<Option<ArrayRef>>), ArrowError> {
+        let keys = input
             .keys
             .iter()
             .map(|k| {
@@ -479,15 +482,7 @@ impl WindowState {
                 }
             })
             .collect::<Result<_, _>>()?;
-        let keys: Vec<&StringArray> = keys
-            .iter()
-            .map(|k| {
-                k.as_any()
-                    .downcast_ref::<StringArray>()
-                    .expect("cast to Utf8")
-            })
-            .collect();
-        let args: Vec<Option<ArrayRef>> = input
+        let args = input
             .args
             .iter()
             .zip(&self.kinds)
@@ -496,12 +491,35 @@ impl WindowState {
                 other => Ok(other.clone()),
             })
             .collect::<Result<_, _>>()?;
-        let readers: Vec<Reader<'_>> = args
-            .iter()
+        Ok((keys, args))
+    }
+
+    /// A reader per call over the columns of [`WindowState::read_columns`].
+    fn readers<'a>(&self, args: &'a [Option<ArrayRef>]) -> Vec<Reader<'a>> {
+        args.iter()
             .zip(&self.kinds)
             .zip(&self.calls)
             .map(|((a, k), c)| Reader::new(a.as_ref(), *k, c.func == WindowFunc::Lag))
+            .collect()
+    }
+
+    /// Compute the window columns of a batch, row by row in batch order, updating the state.
+    pub fn process(&mut self, input: &WindowInput<'_>) -> Result<Vec<ArrayRef>, ArrowError> {
+        if let Some(groups) = &self.peek_groups {
+            return self.peek(input, groups);
+        }
+        let n = input.time.len();
+        let mut builders = self.builders(n);
+        let (keys, args) = self.read_columns(input)?;
+        let keys: Vec<&StringArray> = keys
+            .iter()
+            .map(|k| {
+                k.as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("cast to Utf8")
+            })
             .collect();
+        let readers = self.readers(&args);
         let hasher = FixedHasher;
 
         for row in 0..n {
@@ -623,23 +641,8 @@ impl WindowState {
                 groups.len()
             )));
         }
-        let mut builders: Vec<Builder> = self
-            .calls
-            .iter()
-            .zip(&self.kinds)
-            .map(|(c, k)| Builder::new(output_type(c.func, *k), n))
-            .collect();
-        let keys: Vec<ArrayRef> = input
-            .keys
-            .iter()
-            .map(|k| {
-                if k.data_type() == &DataType::Utf8 {
-                    Ok(k.clone())
-                } else {
-                    cast(k, &DataType::Utf8)
-                }
-            })
-            .collect::<Result<_, _>>()?;
+        let mut builders = self.builders(n);
+        let (keys, args) = self.read_columns(input)?;
         let keys: Vec<&StringArray> = keys
             .iter()
             .map(|k| {
@@ -648,21 +651,7 @@ impl WindowState {
                     .expect("cast to Utf8")
             })
             .collect();
-        let args: Vec<Option<ArrayRef>> = input
-            .args
-            .iter()
-            .zip(&self.kinds)
-            .map(|(a, k)| match a {
-                Some(a) if a.data_type() != &k.read_type() => cast(a, &k.read_type()).map(Some),
-                other => Ok(other.clone()),
-            })
-            .collect::<Result<_, _>>()?;
-        let readers: Vec<Reader<'_>> = args
-            .iter()
-            .zip(&self.kinds)
-            .zip(&self.calls)
-            .map(|((a, k), c)| Reader::new(a.as_ref(), *k, c.func == WindowFunc::Lag))
-            .collect();
+        let readers = self.readers(&args);
         let hasher = FixedHasher;
         // Copies of the entities the current group touched, per key.
         let mut scratch: Vec<HashMap<&str, Entity>> = vec![HashMap::new(); self.keys.len()];
