@@ -104,6 +104,9 @@ pub async fn run(
     }
     tokio::spawn(reload_on_sighup(reload.clone(), cancel.clone()));
     let stored = load_offsets_retrying(&sink, &config, &cancel).await?;
+    // The window state first: the transactions it replays are indexed for the labels that
+    // follow, which then need no database lookup.
+    warm_state(&mut engine, &sink, &config, &cancel).await;
     if engine.reads_labels() {
         warm_labels(&mut engine, &sink, &config).await;
     }
@@ -410,6 +413,84 @@ fn count_decisions(batch: &SinkBatch, metrics: &Metrics) {
             metrics.decided(source, decision, n);
         }
     }
+}
+
+/// Stored transactions per chunk of the window state rebuild.
+const WARM_CHUNK_ROWS: usize = 50_000;
+
+/// Rebuild the window state of `features.sql` from the stored transactions, so that a restart
+/// or a crash does not reset the entities' history (a card's `card_tx_24h` would start again
+/// from 0): those of the longest window frame plus the allowed lateness before the newest stored
+/// event time, at most `engine.warm_max_rows` (the newest), fed in event-time order through the
+/// window state alone (no model, no rules, nothing written). Only with the PostgreSQL sink. A
+/// failure is logged and the pipeline starts with what was rebuilt; a shutdown signal stops it.
+async fn warm_state(engine: &mut Engine, sink: &Sink, config: &Config, cancel: &CancellationToken) {
+    use futures::StreamExt;
+    let max_rows = config.engine.warm_max_rows;
+    let longest = engine.longest_frame_ms();
+    if max_rows == 0 || longest == 0 || !matches!(sink, Sink::Postgres(_)) {
+        return;
+    }
+    let span_ms = longest.saturating_add(config.engine.lateness_ms());
+    let started = Instant::now();
+    let mut rows = 0u64;
+    let mut span: Option<(i64, i64)> = None;
+    let mut stream = sink.recent_transactions(span_ms, max_rows, WARM_CHUNK_ROWS);
+    let outcome = loop {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            _ = cancel.cancelled() => break "interrupted by shutdown",
+        };
+        let chunk = match next {
+            None => break "done",
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, rows, "reading the stored transactions failed; the window state is rebuilt only in part");
+                break "failed";
+            }
+        };
+        if let Err(e) = engine.warm_state(&chunk).await {
+            tracing::warn!(error = %e, rows, "rebuilding the window state failed; it is rebuilt only in part");
+            break "failed";
+        }
+        if let Some((a, b)) = chunk_span(&chunk) {
+            span = Some(span.map_or((a, b), |(lo, hi)| (lo.min(a), hi.max(b))));
+        }
+        rows += chunk.num_rows() as u64;
+    };
+    drop(stream);
+    let when = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    };
+    let state = engine.state_stats();
+    tracing::info!(
+        rows,
+        entities = state.entities,
+        from = %span.map(|s| when(s.0)).unwrap_or_default(),
+        to = %span.map(|s| when(s.1)).unwrap_or_default(),
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        outcome,
+        "window state rebuilt from the stored transactions"
+    );
+    if rows >= max_rows {
+        tracing::warn!(
+            rows,
+            "engine.warm_max_rows reached: older transactions of the longest window were not replayed, their entities' features start lower"
+        );
+    }
+}
+
+/// Oldest and newest event time of canonical rows.
+fn chunk_span(canonical: &datafusion::arrow::array::RecordBatch) -> Option<(i64, i64)> {
+    let t = canonical
+        .column(1)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>()?;
+    let lo = t.iter().flatten().min()?;
+    let hi = t.iter().flatten().max()?;
+    Some((lo, hi))
 }
 
 /// Rebuild the label features' state from the stored labels (a restart must not forget the

@@ -293,6 +293,12 @@ pub struct EngineConfig {
     /// Watch the SQL files and reload them on change (SIGHUP reloads too).
     #[serde(default = "default_true")]
     pub hot_reload: bool,
+    /// At start, with the PostgreSQL sink, the window state is rebuilt from the stored
+    /// transactions of the longest window frame plus the allowed lateness (measured back from the
+    /// newest stored event time), so a restart does not reset the entities' history: at most this
+    /// many of them, the newest (0 ..= 100,000,000; 0 turns the rebuild off).
+    #[serde(default = "default_warm_max_rows")]
+    pub warm_max_rows: u64,
 }
 
 impl Default for EngineConfig {
@@ -309,6 +315,7 @@ impl Default for EngineConfig {
             review_threshold: default_review_threshold(),
             decline_threshold: default_decline_threshold(),
             hot_reload: true,
+            warm_max_rows: default_warm_max_rows(),
         }
     }
 }
@@ -718,6 +725,9 @@ fn default_idle_partition() -> String {
 }
 fn default_max_entities() -> usize {
     2_000_000
+}
+fn default_warm_max_rows() -> u64 {
+    5_000_000
 }
 fn default_max_future() -> String {
     "1 hour".into()

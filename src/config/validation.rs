@@ -329,6 +329,15 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
     if e.max_entities == 0 {
         err("engine.max_entities".into(), "must be at least 1".into());
     }
+    if e.warm_max_rows > 100_000_000 {
+        err(
+            "engine.warm_max_rows".into(),
+            format!(
+                "must be between 0 (off) and 100000000, got {}",
+                e.warm_max_rows
+            ),
+        );
+    }
     if !(0.0..=1.0).contains(&e.review_threshold)
         || !(0.0..=1.0).contains(&e.decline_threshold)
         || e.review_threshold > e.decline_threshold
@@ -594,6 +603,26 @@ fields = [
         assert_eq!(
             crate::config::PostgresConfig::default().retention_ms(),
             None
+        );
+    }
+
+    #[test]
+    fn warm_max_rows_is_bounded_and_zero_turns_it_off() {
+        let off = format!("[engine]\nwarm_max_rows = 0\n{SOURCE}");
+        assert_eq!(errors_of(&off), Vec::<String>::new());
+        let big = format!("[engine]\nwarm_max_rows = 100000001\n{SOURCE}");
+        let errs = errors_of(&big);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("test.toml:2: engine.warm_max_rows: must be between 0"),
+            "{}",
+            errs[0]
+        );
+        let negative = format!("[engine]\nwarm_max_rows = -1\n{SOURCE}");
+        assert_eq!(errors_of(&negative).len(), 1);
+        assert_eq!(
+            crate::config::EngineConfig::default().warm_max_rows,
+            5_000_000
         );
     }
 

@@ -300,6 +300,35 @@ impl FeatureStage {
         self.state.stats()
     }
 
+    /// The longest row-history frame of `features.sql` (`lag` reaches back `engine.history`), in
+    /// milliseconds; 0 without row-history windows.
+    pub fn longest_frame_ms(&self) -> i64 {
+        self.state.longest_ms()
+    }
+
+    /// Replay earlier transactions (canonical rows in event-time order, e.g. read back from the
+    /// database at start) into the window state, and into the label index as [`Self::process`]
+    /// indexes them, without computing any feature. Queued labels are left queued.
+    pub async fn warm(&mut self, canonical: &RecordBatch) -> Result<(), EngineError> {
+        if canonical.num_rows() == 0 || (self.hist.is_empty() && !self.labels.is_active()) {
+            return Ok(());
+        }
+        let (time, keys, args) = self.pre_columns(canonical).await?;
+        if self.labels.is_active() {
+            self.index_rows(canonical, &time, &keys)?;
+        }
+        self.state
+            .record(&WindowInput {
+                time: &time,
+                keys,
+                args: self.hist.iter().map(|&i| args[i].clone()).collect(),
+            })
+            .map_err(|source| EngineError::Arrow {
+                file: self.plan.file.clone(),
+                source,
+            })
+    }
+
     /// Evict idle entities given the watermark.
     pub fn evict(&mut self, watermark_ms: i64) {
         self.state.evict(watermark_ms);

@@ -401,6 +401,26 @@ impl Engine {
         self.features.stats()
     }
 
+    /// The longest row-history frame of `features.sql` in milliseconds (`lag` reaches back
+    /// `engine.history`); 0 without row-history windows.
+    pub fn longest_frame_ms(&self) -> i64 {
+        self.features.longest_frame_ms()
+    }
+
+    /// Rebuild the window state from earlier transactions: canonical rows in event-time order,
+    /// chunk after chunk (read back from the database at start, so that a restart does not reset
+    /// the entities' history). Only the window state and the label index change: no feature,
+    /// score, rule, aggregate or sink row is computed, queued labels stay queued, and the
+    /// watermark is left to the live events. Idle entities are evicted as the stream would.
+    pub async fn warm_state(&mut self, canonical: &RecordBatch) -> Result<(), EngineError> {
+        self.features.warm(canonical).await?;
+        if let Some(newest) = event_times(canonical).iter().flatten().max() {
+            self.features
+                .evict(newest.saturating_sub(self.watermark.lateness_ms()));
+        }
+        Ok(())
+    }
+
     /// Process one micro-batch.
     pub async fn process(
         &mut self,
@@ -851,6 +871,72 @@ mod tests {
         assert_eq!(out.dead_letters.len(), 1);
         assert_eq!(out.dead_letters[0].offset, 2);
         assert_eq!(out.dead_letters[0].partition, 1);
+    }
+
+    #[tokio::test]
+    async fn warm_state_from_stored_rows_continues_the_entity_history() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut config = crate::config::load(&dir.join("config.toml")).unwrap();
+        config.model = None;
+        let metrics = Metrics::default();
+        let msg = |i: i64| {
+            RawMessage {
+            partition: 0,
+            offset: i,
+            key: None,
+            value: Some(
+                format!(
+                    r#"{{"auth_id":"w{i}","ts":"2026-11-01T10:0{i}:00Z","pan_token":"tok_w","customer_ref":"cus_w","merchant_id":"mer_{i}","amount":"{i}.50","currency":"BRL","country":"BR","entry_mode":"ecommerce","lat":-23.{i},"lon":-46.6}}"#
+                )
+                .into_bytes(),
+            ),
+            timestamp_ms: 0,
+        }
+        };
+        let batch = |seq: u64, range: std::ops::Range<i64>| Batch {
+            seq,
+            messages: vec![range.map(msg).collect()],
+            offsets: vec![],
+            opened_at: None,
+        };
+        // The uninterrupted run.
+        let mut live = Engine::new(&config).await.unwrap();
+        let first = live.process(batch(1, 0..4), &metrics).await.unwrap();
+        let stored: Vec<usize> = (0..canonical::COLUMNS.len()).collect();
+        let stored = first.transactions[0].project(&stored).unwrap();
+        // A restart that rebuilds the state from the stored rows, in two chunks.
+        let mut restarted = Engine::new(&config).await.unwrap();
+        assert_eq!(restarted.longest_frame_ms(), config.engine.history_ms());
+        restarted.warm_state(&stored.slice(0, 2)).await.unwrap();
+        restarted.warm_state(&stored.slice(2, 2)).await.unwrap();
+        assert_eq!(restarted.state_stats(), live.state_stats());
+        // A restart that does not.
+        let mut cold = Engine::new(&config).await.unwrap();
+
+        let a = live.process(batch(2, 4..5), &metrics).await.unwrap();
+        let b = restarted.process(batch(2, 4..5), &metrics).await.unwrap();
+        let c = cold.process(batch(2, 4..5), &metrics).await.unwrap();
+        let (a, b, c) = (&a.transactions[0], &b.transactions[0], &c.transactions[0]);
+        assert_eq!(
+            a, b,
+            "the rebuilt state gives the uninterrupted run's features"
+        );
+        let count = |x: &RecordBatch, name: &str| {
+            x.column_by_name(name)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        assert_eq!(count(b, "card_tx_24h"), 5);
+        assert_eq!(count(b, "card_merchants_1h"), 5);
+        assert_eq!(
+            count(c, "card_tx_24h"),
+            1,
+            "without the rebuild the card starts again"
+        );
+        assert_ne!(a, c);
     }
 
     #[tokio::test]

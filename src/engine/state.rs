@@ -206,8 +206,8 @@ impl Series {
         }
     }
 
-    /// Insert a row and compute its result.
-    fn push(&mut self, t: i64, v: Val, call: &WindowCall, keep_ms: i64) -> Out {
+    /// Insert a row and compute its result (`want` false: only insert, the result is `Null`).
+    fn push(&mut self, t: i64, v: Val, call: &WindowCall, keep_ms: i64, want: bool) -> Out {
         let range = call.range_ms;
         let pos;
         if t >= self.head {
@@ -231,7 +231,9 @@ impl Series {
                 self.frame_start += 1;
             }
         }
-        let out = if t == self.head && !matches!(self.running, Running::Scan) {
+        let out = if !want {
+            Out::Null
+        } else if t == self.head && !matches!(self.running, Running::Scan) {
             self.running_result(call.func)
         } else {
             self.scan(pos, t, call)
@@ -508,8 +510,32 @@ impl WindowState {
         if let Some(groups) = &self.peek_groups {
             return self.peek(input, groups);
         }
+        let mut builders = self.builders(input.time.len());
+        self.update(input, Some(&mut builders))?;
+        Ok(builders.into_iter().map(Builder::finish).collect())
+    }
+
+    /// Add a batch's rows to the state exactly as [`WindowState::process`] does, without
+    /// computing their results (rebuilding the state from stored history at start). Never peeks.
+    pub fn record(&mut self, input: &WindowInput<'_>) -> Result<(), ArrowError> {
+        self.update(input, None)
+    }
+
+    /// The longest frame of the calls (`lag` reaches back `engine.history`), in milliseconds;
+    /// 0 without calls. Rows older than this plus the allowed lateness behind the newest row
+    /// cannot matter to any row still to come.
+    pub fn longest_ms(&self) -> i64 {
+        self.longest_ms
+    }
+
+    /// Add rows to the state in batch order; with `builders`, append each row's results.
+    fn update(
+        &mut self,
+        input: &WindowInput<'_>,
+        mut builders: Option<&mut Vec<Builder>>,
+    ) -> Result<(), ArrowError> {
         let n = input.time.len();
-        let mut builders = self.builders(n);
+        let want = builders.is_some();
         let (keys, args) = self.read_columns(input)?;
         let keys: Vec<&StringArray> = keys
             .iter()
@@ -535,8 +561,10 @@ impl WindowState {
                 }
                 let key = keys[g];
                 let (Some(t), false) = (t, key.is_null(row)) else {
-                    for &c in &ks.calls {
-                        builders[c].push_empty(self.calls[c].func);
+                    if let Some(b) = builders.as_deref_mut() {
+                        for &c in &ks.calls {
+                            b[c].push_empty(self.calls[c].func);
+                        }
                     }
                     continue;
                 };
@@ -557,13 +585,15 @@ impl WindowState {
                 entity.head = entity.head.max(t);
                 for (local, &c) in ks.calls.iter().enumerate() {
                     let v = readers[c].get(row, &hasher);
-                    let out = entity.series[local].push(t, v, &self.calls[c], self.keep_ms);
-                    builders[c].push(out);
+                    let out = entity.series[local].push(t, v, &self.calls[c], self.keep_ms, want);
+                    if let Some(b) = builders.as_deref_mut() {
+                        b[c].push(out);
+                    }
                 }
             }
         }
         self.rows_since_sweep += n;
-        Ok(builders.into_iter().map(Builder::finish).collect())
+        Ok(())
     }
 
     /// Evict entities whose newest row is older than `watermark - longest frame - lateness`
@@ -690,7 +720,7 @@ impl WindowState {
                 entity.head = entity.head.max(t);
                 for (local, &c) in ks.calls.iter().enumerate() {
                     let v = readers[c].get(row, &hasher);
-                    let out = entity.series[local].push(t, v, &self.calls[c], self.keep_ms);
+                    let out = entity.series[local].push(t, v, &self.calls[c], self.keep_ms, true);
                     builders[c].push(out);
                 }
             }
@@ -1024,6 +1054,37 @@ mod tests {
         let recorded = eval(&mut st, &probe, None);
         assert_eq!(recorded, peeked);
         assert_ne!(st.stats(), before);
+    }
+
+    #[test]
+    fn record_then_process_equals_processing_everything() {
+        let (calls, kinds) = all_calls();
+        let rows = [
+            ("a", 0, Some(1)),
+            ("a", 5_000, Some(2)),
+            ("b", 6_000, Some(10)),
+            ("a", 9_000, Some(7)),
+            ("a", 12_000, Some(5)),
+            ("b", 14_000, None),
+            ("a", 3_000, Some(4)),
+        ];
+        let mut all = WindowState::new(calls.clone(), kinds.clone(), &[0; 5], 1, 60_000, 1000);
+        let expected = eval(&mut all, &rows, None);
+        let mut warmed = WindowState::new(calls, kinds, &[0; 5], 1, 60_000, 1000);
+        let (time, keys, arg) = input_of(&rows[..4]);
+        warmed
+            .record(&WindowInput {
+                time: &time,
+                keys: vec![keys],
+                args: vec![Some(arg); 5],
+            })
+            .unwrap();
+        let rest = eval(&mut warmed, &rows[4..], None);
+        assert_eq!(warmed.stats(), all.stats());
+        for (whole, tail) in expected.iter().zip(&rest) {
+            assert_eq!(&whole.slice(4, 3), tail);
+        }
+        assert_eq!(warmed.longest_ms(), 100_000);
     }
 
     #[test]

@@ -37,6 +37,11 @@ impl Watermark {
         e.1 = now;
     }
 
+    /// The allowed lateness, in milliseconds.
+    pub fn lateness_ms(&self) -> i64 {
+        self.lateness_ms
+    }
+
     /// The watermark (`i64::MIN` before any event).
     pub fn get(&self) -> i64 {
         self.current

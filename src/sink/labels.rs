@@ -10,7 +10,7 @@ use datafusion::arrow::array::{
     TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use sqlx::Row;
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use super::SinkError;
 use crate::engine::canonical::{self, AMOUNT_PRECISION, AMOUNT_SCALE, COLUMNS, CanonicalType};
@@ -62,12 +62,10 @@ pub(super) async fn write(conn: &mut PgConnection, labels: &RecordBatch) -> Resu
     Ok(())
 }
 
-/// The canonical rows of the stored transactions with these ids.
-pub(super) async fn lookup_canonical(
-    pool: &PgPool,
-    ids: &[String],
-) -> Result<RecordBatch, SinkError> {
-    let select: Vec<String> = COLUMNS
+/// The SELECT list of the canonical columns of `transactions`, in canonical order, in the
+/// forms [`canonical_rows`] decodes (times as epoch ms, amounts in minor units).
+pub(super) fn canonical_select() -> String {
+    COLUMNS
         .iter()
         .map(|(name, kind, _, _)| match kind {
             CanonicalType::Text => format!("{name}::text"),
@@ -79,35 +77,32 @@ pub(super) async fn lookup_canonical(
             }
             CanonicalType::Coordinate => format!("{name}::float8"),
         })
-        .collect();
-    let sql = format!(
-        "SELECT {} FROM transactions WHERE transaction_id = ANY($1)",
-        select.join(", ")
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(ids)
-        .fetch_all(pool)
-        .await?;
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows selected with [`canonical_select`] as a canonical batch.
+pub(super) fn canonical_rows(rows: &[PgRow]) -> Result<RecordBatch, SinkError> {
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(COLUMNS.len());
     for (i, (_, kind, _, _)) in COLUMNS.iter().enumerate() {
         let col: ArrayRef = match kind {
             CanonicalType::Text => {
                 let mut b = StringBuilder::new();
-                for r in &rows {
+                for r in rows {
                     b.append_option(r.try_get::<Option<String>, _>(i)?);
                 }
                 Arc::new(b.finish())
             }
             CanonicalType::Time => {
                 let mut b = TimestampMillisecondBuilder::new();
-                for r in &rows {
+                for r in rows {
                     b.append_option(r.try_get::<Option<i64>, _>(i)?);
                 }
                 Arc::new(b.finish().with_timezone("UTC"))
             }
             CanonicalType::Money => {
                 let mut b = Decimal128Builder::new();
-                for r in &rows {
+                for r in rows {
                     b.append_option(r.try_get::<Option<i64>, _>(i)?.map(i128::from));
                 }
                 Arc::new(
@@ -118,7 +113,7 @@ pub(super) async fn lookup_canonical(
             }
             CanonicalType::Coordinate => {
                 let mut b = Float64Builder::new();
-                for r in &rows {
+                for r in rows {
                     b.append_option(r.try_get::<Option<f64>, _>(i)?);
                 }
                 Arc::new(b.finish())
@@ -127,7 +122,23 @@ pub(super) async fn lookup_canonical(
         columns.push(col);
     }
     RecordBatch::try_new(canonical::schema(), columns)
-        .map_err(|e| internal(format!("labelled transactions: {e}")))
+        .map_err(|e| internal(format!("stored transactions: {e}")))
+}
+
+/// The canonical rows of the stored transactions with these ids.
+pub(super) async fn lookup_canonical(
+    pool: &PgPool,
+    ids: &[String],
+) -> Result<RecordBatch, SinkError> {
+    let sql = format!(
+        "SELECT {} FROM transactions WHERE transaction_id = ANY($1)",
+        canonical_select()
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    canonical_rows(&rows)
 }
 
 /// Labels reported within `history_ms` of the newest stored transaction (schema

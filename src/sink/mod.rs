@@ -6,6 +6,7 @@
 //! - [`memory`]: an in-process store for the demo and tests, with the same offset semantics.
 
 pub mod copy;
+mod history;
 mod labels;
 pub mod memory;
 pub mod postgres;
@@ -207,6 +208,22 @@ impl Sink {
         match self {
             Self::Postgres(s) => labels::recent(s.pool(), history_ms).await,
             Self::Memory(_) => Ok(RecordBatch::new_empty(crate::engine::labels::label_schema())),
+        }
+    }
+
+    /// The stored transactions of the last `span_ms` before the newest stored event time (at
+    /// most `max_rows`, the newest) as canonical batches of at most `chunk_rows` rows, in
+    /// event-time order then commit order: the history the window state is rebuilt from at
+    /// start. The memory store keeps none (nothing survives its process anyway).
+    pub fn recent_transactions(
+        &self,
+        span_ms: i64,
+        max_rows: u64,
+        chunk_rows: usize,
+    ) -> futures::stream::BoxStream<'_, Result<RecordBatch, SinkError>> {
+        match self {
+            Self::Postgres(s) => history::recent(s.pool(), span_ms, max_rows, chunk_rows),
+            Self::Memory(_) => Box::pin(futures::stream::empty()),
         }
     }
 
