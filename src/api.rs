@@ -61,8 +61,9 @@ pub struct ApiState {
     /// Scoring jobs to the engine task and committed alerts from the sink stage (`None`: no
     /// pipeline runs, scoring answers 503).
     pub online: Option<OnlineLink>,
-    /// Labels received by `POST /v1/labels`, after they are stored: subscribe to feed them to
-    /// label-based features.
+    /// Labels received by `POST /v1/labels`, after they are stored: the engine task of the
+    /// pipeline subscribes (through [`OnlineLink::subscribe_labels`]) and feeds them to the label
+    /// features at once.
     pub labels: broadcast::Sender<Label>,
     keys: Arc<Vec<Vec<u8>>>,
     canonical: Arc<score::CanonicalDecoder>,
@@ -96,7 +97,10 @@ impl ApiState {
         }
         let canonical =
             score::CanonicalDecoder::new(config.api.max_body_bytes).map_err(ApiError::Decoder)?;
-        let (labels, _) = broadcast::channel(1024);
+        let labels = match &online {
+            Some(link) => link.labels().clone(),
+            None => broadcast::channel(crate::online::LABEL_BACKLOG).0,
+        };
         Ok(Self {
             metrics,
             sink,

@@ -317,6 +317,9 @@ pub struct Metrics {
     pub late_events: Counter,
     /// Label feedback messages accepted (chargebacks, fraud reports, verdicts).
     pub labels_in: Counter,
+    /// Labels of `POST /v1/labels` the engine task missed because it fell behind the API's
+    /// broadcast (stored all the same; their features count them after a restart).
+    pub api_labels_lagged: Counter,
     /// Entities with window state.
     pub tracked_entities: Gauge,
     /// Rows kept in window state.
@@ -368,6 +371,7 @@ impl Default for Metrics {
             last_commit: Gauge::default(),
             late_events: Counter::default(),
             labels_in: Counter::default(),
+            api_labels_lagged: Counter::default(),
             tracked_entities: Gauge::default(),
             tracked_rows: Gauge::default(),
             entities_evicted: Gauge::default(),
@@ -470,11 +474,16 @@ impl Metrics {
             "payguard_dead_letters_total",
             "Messages sent to the dead-letter table, by source and reason.",
         );
-        let counters: [(&str, &str, &Counter); 14] = [
+        let counters: [(&str, &str, &Counter); 15] = [
             (
                 "payguard_labels_total",
                 "Label feedback messages accepted.",
                 &self.labels_in,
+            ),
+            (
+                "payguard_api_labels_lagged_total",
+                "Labels of POST /v1/labels the engine missed by falling behind (applied after a restart).",
+                &self.api_labels_lagged,
             ),
             (
                 "payguard_late_events_total",

@@ -1,10 +1,12 @@
 //! The link between the HTTP API and the pipeline: scoring jobs go to the engine task through a
-//! bounded channel and are served between two micro-batches ([`serve`]); committed alerts come
-//! back as events for `GET /v1/alerts/stream` ([`OnlineLink::publish_alerts`]).
+//! bounded channel and are served between two micro-batches ([`serve`]); labels stored by
+//! `POST /v1/labels` reach the engine task the same way, through a broadcast
+//! ([`OnlineLink::subscribe_labels`], [`label_batch`]); committed alerts come back as events for
+//! `GET /v1/alerts/stream` ([`OnlineLink::publish_alerts`]).
 
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use serde_json::{Map, Value};
@@ -14,6 +16,7 @@ use crate::engine::online::{OnlineInput, Rejection};
 use crate::engine::{DECISION, Engine, MODEL_VERSION, RULE_HITS, SCORE, canonical};
 use crate::metrics::Metrics;
 use crate::sink::SinkBatch;
+use crate::sink::query::Label;
 
 /// Jobs served per turn of the engine task (one evaluation of the SQL stages for all of them).
 const MAX_JOBS_PER_TURN: usize = 512;
@@ -41,18 +44,35 @@ pub struct OnlineLink {
     jobs_tx: mpsc::Sender<ScoreJob>,
     jobs_rx: Arc<Mutex<Option<mpsc::Receiver<ScoreJob>>>>,
     alerts: broadcast::Sender<AlertEvent>,
+    labels: broadcast::Sender<Label>,
 }
+
+/// Labels of `POST /v1/labels` the broadcast holds for a subscriber that has not read them yet;
+/// beyond, the oldest are lost to it (counted in `payguard_api_labels_lagged_total`).
+pub const LABEL_BACKLOG: usize = 4096;
 
 impl OnlineLink {
     /// A link whose job queue holds `capacity` requests.
     pub fn new(capacity: usize) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::channel(capacity.max(1));
         let (alerts, _) = broadcast::channel(1024);
+        let (labels, _) = broadcast::channel(LABEL_BACKLOG);
         Self {
             jobs_tx,
             jobs_rx: Arc::new(Mutex::new(Some(jobs_rx))),
             alerts,
+            labels,
         }
+    }
+
+    /// Where the API publishes the labels it stored (`POST /v1/labels`).
+    pub fn labels(&self) -> &broadcast::Sender<Label> {
+        &self.labels
+    }
+
+    /// Labels stored by the API from now on (the engine task feeds them to the label features).
+    pub fn subscribe_labels(&self) -> broadcast::Receiver<Label> {
+        self.labels.subscribe()
     }
 
     /// The sending end of the job queue (the API).
@@ -137,6 +157,37 @@ pub async fn serve(
     }
     metrics.engine_time.observe(t.elapsed().as_secs_f64());
     alive
+}
+
+/// Labels of the API as a batch of [`crate::engine::labels::label_schema`], in their order.
+pub fn label_batch(labels: &[Label]) -> RecordBatch {
+    let ms = |t: &chrono::DateTime<chrono::Utc>| t.timestamp_millis();
+    let text = |f: fn(&Label) -> Option<&str>| -> ArrayRef {
+        Arc::new(labels.iter().map(f).collect::<StringArray>())
+    };
+    let columns: Vec<ArrayRef> = vec![
+        text(|l| Some(l.transaction_id.as_str())),
+        text(|l| Some(l.label())),
+        Arc::new(
+            labels
+                .iter()
+                .map(|l| Some(ms(&l.reported_at)))
+                .collect::<TimestampMillisecondArray>()
+                .with_timezone("UTC"),
+        ),
+        text(|l| l.source.as_deref()),
+        text(|l| l.report_type.as_deref()),
+        text(|l| l.fraud_scenario.as_deref()),
+        Arc::new(
+            labels
+                .iter()
+                .map(|l| l.transaction_time.as_ref().map(ms))
+                .collect::<TimestampMillisecondArray>()
+                .with_timezone("UTC"),
+        ),
+    ];
+    RecordBatch::try_new(crate::engine::labels::label_schema(), columns)
+        .expect("the columns follow label_schema")
 }
 
 /// One decided row as JSON, split by role.

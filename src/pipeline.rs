@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use crate::config::{Config, InputKind};
 use crate::decode::RawMessage;
 use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
+use crate::sink::query::Label;
 use crate::sink::{Sink, SinkBatch, SinkError, StoredOffsets};
 use crate::source::kafka::{self, Assignment, Backoff, KafkaError};
 use crate::source::simulator::{Simulator, SimulatorError};
@@ -103,6 +104,9 @@ pub async fn run(
         ));
     }
     tokio::spawn(reload_on_sighup(reload.clone(), cancel.clone()));
+    // Labels the API stores from now on reach the engine task; the ones stored before are read
+    // back from the database by the label warm-up below.
+    let mut api_labels = opts.online.as_ref().map(|o| o.subscribe_labels());
     let stored = load_offsets_retrying(&sink, &config, &cancel).await?;
     // The window state first: the transactions it replays are indexed for the labels that
     // follow, which then need no database lookup.
@@ -201,6 +205,8 @@ pub async fn run(
         // Scoring requests are served first (latency), but never twice in a row while a batch waits.
         let mut served_jobs = false;
         loop {
+            // Labels of the API first: the next batch or scoring request sees them.
+            receive_api_labels(&mut engine, None, &mut api_labels, &engine_metrics).await;
             if served_jobs {
                 served_jobs = false;
                 if let Ok(b) = batch_rx.try_recv() {
@@ -214,6 +220,11 @@ pub async fn run(
             }
             let batch = tokio::select! {
                 biased;
+                label = next_api_label(&mut api_labels) => {
+                    receive_api_labels(&mut engine, Some(label), &mut api_labels, &engine_metrics)
+                        .await;
+                    continue;
+                }
                 Some(job) = next_job(&mut jobs) => {
                     served_jobs = true;
                     let rx = jobs.as_mut().expect("a job came from it");
@@ -361,6 +372,67 @@ async fn next_job(
     match jobs {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The next label stored by `POST /v1/labels`; pending forever without a subscription.
+async fn next_api_label(
+    rx: &mut Option<broadcast::Receiver<Label>>,
+) -> Result<Label, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Most labels of the API attributed at once.
+const API_LABELS_PER_TURN: usize = 4096;
+
+/// Feed the labels the API stored to the label features: `first` (what the subscription
+/// yielded, if anything) and those waiting behind it. An engine that fell behind the broadcast
+/// lost the oldest ones: they are stored, and counted by the label features after a restart
+/// (logged, and counted in `payguard_api_labels_lagged_total`). Never fails the pipeline.
+async fn receive_api_labels(
+    engine: &mut Engine,
+    first: Option<Result<Label, broadcast::error::RecvError>>,
+    rx: &mut Option<broadcast::Receiver<Label>>,
+    metrics: &Metrics,
+) {
+    use broadcast::error::{RecvError, TryRecvError};
+    let mut labels = Vec::new();
+    let mut lagged = 0u64;
+    match first {
+        Some(Ok(l)) => labels.push(l),
+        Some(Err(RecvError::Lagged(n))) => lagged += n,
+        Some(Err(RecvError::Closed)) => *rx = None,
+        None => {}
+    }
+    while let Some(r) = rx.as_mut()
+        && labels.len() < API_LABELS_PER_TURN
+    {
+        match r.try_recv() {
+            Ok(l) => labels.push(l),
+            Err(TryRecvError::Lagged(n)) => lagged += n,
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Closed) => *rx = None,
+        }
+    }
+    if lagged > 0 {
+        metrics.api_labels_lagged.add(lagged);
+        tracing::warn!(
+            labels = lagged,
+            "the engine fell behind POST /v1/labels: these labels are stored but reach the label features only after a restart"
+        );
+    }
+    if labels.is_empty() {
+        return;
+    }
+    let batch = crate::online::label_batch(&labels);
+    match engine.receive_labels(&batch).await {
+        Ok(()) => tracing::debug!(labels = labels.len(), "API labels attributed"),
+        Err(e) => {
+            tracing::warn!(error = %e, labels = labels.len(), "attributing API labels failed; they are stored and count after a restart")
+        }
     }
 }
 

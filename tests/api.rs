@@ -711,3 +711,122 @@ async fn demo_serves_the_page_and_scores_against_the_simulated_stream() {
     let (status, log) = env.wait(demo, Duration::from_secs(30));
     assert!(status.success(), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_labels_reach_the_running_engine() {
+    // The label rule of tests/label_feedback.rs, on top of the shipped rules.
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    let shipped = std::fs::read_to_string(common::repo().join("sql/rules.sql")).unwrap();
+    std::fs::write(
+        rules.path(),
+        format!(
+            "{}\nUNION ALL\nSELECT transaction_id, 'card_reported_fraud', 'decline', \
+             'card has a confirmed fraud report' FROM scored WHERE card_fraud_labels_90d > 0\n",
+            shipped.trim_end()
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::new("api_labels", |t| {
+        t.remove("model");
+        t["labels"]
+            .as_table_mut()
+            .unwrap()
+            .insert("enabled".into(), true.into());
+        let engine = t["engine"].as_table_mut().unwrap();
+        engine.insert("rules".into(), rules.path().display().to_string().into());
+        engine.insert("hot_reload".into(), false.into());
+        t["api"]
+            .as_table_mut()
+            .unwrap()
+            .insert("score_timeout_ms".into(), 30000.into());
+        t["pipeline"]
+            .as_table_mut()
+            .unwrap()
+            .insert("batch_max_wait_ms".into(), 20.into());
+    })
+    .await;
+    let start = chrono::Utc::now();
+    let at = |minutes_ago: i64| (start - chrono::Duration::minutes(minutes_ago)).to_rfc3339();
+    let message = |id: &str, minutes_ago: i64| {
+        format!(
+            r#"{{"auth_id":"{id}","ts":"{}","pan_token":"card-lab","customer_ref":"cus-lab","merchant_id":"m-{id}","amount":"42.10","currency":"BRL","entry_mode":"ecommerce"}}"#,
+            at(minutes_ago)
+        )
+    };
+    // Transaction A, through Kafka, into the running pipeline (whose label topic must exist:
+    // one label of another transaction).
+    let a = message("lab-a", 180);
+    env.kcat_produce(0, &[a.as_bytes()]);
+    let other = format!(
+        r#"{{"transaction_id":"unrelated","label":"genuine","reported_at":"{}"}}"#,
+        at(200)
+    );
+    common::kcat_produce_to(&format!("{}.labels", env.topic), 0, &[other.as_bytes()]);
+    let run = env.spawn(&["run"]);
+    env.wait_for("A stored", Duration::from_secs(120), || async {
+        env.transactions().await >= 1
+    })
+    .await;
+    let api = Api {
+        addr: api_addr(&env, &run).await,
+        auth: vec![],
+    };
+    let probe = json!({"record": false,
+        "transaction": canonical("lab-probe", "card-lab", &at(60), "3.00")});
+    let card_fraud = |s: &Value| feature(&s["results"][0], "card_fraud_labels_90d");
+    let (st, s) = api.post("/v1/score", &probe).await;
+    assert_eq!(st, 200, "{s}");
+    assert_eq!(card_fraud(&s), 0, "no label yet: {s}");
+
+    // An analyst marks A as fraud, reported 90 minutes ago (before the probe, after A).
+    let (st, l) = api
+        .post(
+            "/v1/labels",
+            &json!({"transaction_id": "lab-a", "label": "fraud", "report_type": "analyst",
+                    "reported_at": at(90)}),
+        )
+        .await;
+    assert_eq!(
+        (st, l["transaction_known"].as_bool()),
+        (201, Some(true)),
+        "{l}"
+    );
+    // The very next evaluation sees it: no restart, no batch in between.
+    let (st, s) = api.post("/v1/score", &probe).await;
+    assert_eq!(st, 200, "{s}");
+    assert_eq!(card_fraud(&s), 1, "the API label reached the engine: {s}");
+    assert_eq!(s["results"][0]["decision"], "decline", "{s}");
+    // Point in time: an evaluation before the report does not see it.
+    let early = json!({"record": false,
+        "transaction": canonical("lab-early", "card-lab", &at(120), "3.00")});
+    let (st, s) = api.post("/v1/score", &early).await;
+    assert_eq!(st, 200, "{s}");
+    assert_eq!(card_fraud(&s), 0, "{s}");
+
+    // And a transaction of the card streamed through Kafka after the report.
+    let b = message("lab-b", 30);
+    env.kcat_produce(0, &[b.as_bytes()]);
+    env.wait_for("B stored", Duration::from_secs(60), || async {
+        env.transactions().await >= 2
+    })
+    .await;
+    common::signal(&run, "TERM");
+    let (status, log) = env.wait(run, Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let mut db = env.db().await;
+    let row = sqlx::query(
+        "SELECT t.decision, (a.features->>'card_fraud_labels_90d')::bigint \
+         FROM transactions t JOIN alerts a USING (transaction_id) WHERE transaction_id = 'lab-b'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (row.get::<String, _>(0), row.get::<i64, _>(1)),
+        ("decline".to_string(), 1)
+    );
+    assert!(
+        !log.contains("fell behind POST /v1/labels"),
+        "no label was lost: {log}"
+    );
+}

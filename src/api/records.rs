@@ -296,7 +296,8 @@ pub struct LabelResponse {
 }
 
 /// Confirmed fraud / genuine feedback (chargebacks, claims, analyst verdicts), stored in `labels`
-/// for the dashboards, retraining and label-based features.
+/// for the dashboards, retraining and label-based features; a stored label also reaches the
+/// running engine at once, so the label features of the next transactions count it.
 #[utoipa::path(post, path = "/v1/labels", tag = "alerts",
     request_body = LabelRequest,
     responses(

@@ -329,6 +329,14 @@ impl FeatureStage {
             })
     }
 
+    /// Attribute the queued labels now (normally done before the next batch's features), so
+    /// that an online evaluation (which does not change the state) sees them too.
+    pub fn resolve_labels(&mut self) {
+        if self.labels.is_active() {
+            self.labels.resolve();
+        }
+    }
+
     /// Evict idle entities given the watermark.
     pub fn evict(&mut self, watermark_ms: i64) {
         self.state.evict(watermark_ms);

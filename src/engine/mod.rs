@@ -421,6 +421,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Labels that arrive outside a batch (`POST /v1/labels`): queued, looked up when their
+    /// transaction is no longer indexed, and attributed at once, so that the next batch and
+    /// online evaluations (`POST /v1/score`) see them.
+    pub async fn receive_labels(&mut self, labels: &RecordBatch) -> Result<(), EngineError> {
+        self.add_labels(labels, None).await?;
+        self.features.resolve_labels();
+        Ok(())
+    }
+
     /// Process one micro-batch.
     pub async fn process(
         &mut self,

@@ -346,4 +346,71 @@ mod tests {
         // t3 (10:03) now also sees the recorded t3; t4 (10:04) sees both t3 and the recorded t4.
         assert_eq!(count.values().to_vec(), vec![5, 7]);
     }
+
+    #[tokio::test]
+    async fn labels_received_between_batches_count_at_once_even_for_a_peek() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut config = crate::config::load(&dir.join("config.toml")).unwrap();
+        config.model = None;
+        let mut engine = Engine::new(&config).await.unwrap();
+        assert!(engine.reads_labels(), "the shipped features read labels");
+        let metrics = Metrics::default();
+        engine
+            .process(
+                Batch {
+                    seq: 1,
+                    messages: vec![vec![card(0, 0, "mer_0")]],
+                    offsets: vec![],
+                    opened_at: None,
+                },
+                &metrics,
+            )
+            .await
+            .unwrap();
+        let card_fraud = |out: OnlineOutput| {
+            let b = out.results[0].as_ref().unwrap().clone();
+            let c = b.column_by_name("card_fraud_labels_90d").unwrap().clone();
+            c.as_any()
+                .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        let probe = || OnlineInput::Source {
+            source: 0,
+            messages: vec![card(1, 5, "mer_1")],
+        };
+        let before = engine.score_online(vec![probe()], false).await.unwrap();
+        assert_eq!(card_fraud(before), 0);
+        let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        let label = |id: &str, reported: &str| crate::sink::query::Label {
+            transaction_id: id.into(),
+            fraud: true,
+            report_type: Some("analyst".into()),
+            reported_at: at(reported),
+            source: None,
+            transaction_time: None,
+            fraud_scenario: None,
+        };
+        // t0's fraud report at 10:02 (before the probe at 10:05), and one of an unknown id.
+        let labels = crate::online::label_batch(&[
+            label("t0", "2026-11-01T10:02:00Z"),
+            label("nobody", "2026-11-01T10:02:00Z"),
+        ]);
+        engine.receive_labels(&labels).await.unwrap();
+        let stats = engine.label_stats();
+        assert_eq!((stats.applied, stats.unresolved), (1, 1), "{stats:?}");
+        let after = engine.score_online(vec![probe()], false).await.unwrap();
+        assert_eq!(
+            card_fraud(after),
+            1,
+            "the label counts without a batch in between"
+        );
+        // Point in time still holds: a row before the report does not see it.
+        let early = OnlineInput::Source {
+            source: 0,
+            messages: vec![card(2, 1, "mer_2")],
+        };
+        let early = engine.score_online(vec![early], false).await.unwrap();
+        assert_eq!(card_fraud(early), 0);
+    }
 }
