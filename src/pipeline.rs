@@ -202,7 +202,8 @@ pub async fn run(
     let engine_config = config.clone();
     let mut jobs = opts.online.as_ref().and_then(|o| o.take_jobs());
     let engine_task = tokio::spawn(async move {
-        // Scoring requests are served first (latency), but never twice in a row while a batch waits.
+        // Scoring requests (and API labels) are served first (latency), but never twice in a row
+        // while a batch waits.
         let mut served_jobs = false;
         loop {
             // Labels of the API first: the next batch or scoring request sees them.
@@ -223,6 +224,8 @@ pub async fn run(
                 label = next_api_label(&mut api_labels) => {
                     receive_api_labels(&mut engine, Some(label), &mut api_labels, &engine_metrics)
                         .await;
+                    // A flood of labels does not hold a waiting batch back either.
+                    served_jobs = true;
                     continue;
                 }
                 Some(job) = next_job(&mut jobs) => {
