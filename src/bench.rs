@@ -62,6 +62,8 @@ pub struct EngineBench {
     pub state_rows: usize,
     /// Resident memory added by the window state, bytes per entity.
     pub bytes_per_entity: f64,
+    /// Microseconds per row spent in each step of the engine (median over runs).
+    pub stages: Vec<(&'static str, f64)>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -131,6 +133,7 @@ pub async fn engine(
     let mut entities = 0;
     let mut state_rows = 0;
     let mut bytes_per_entity = 0.0;
+    let mut stage_us: Vec<(&'static str, Vec<f64>)> = Vec::new();
     for _ in 0..runs.max(1) {
         // Payguard: features (incremental windows) + rules + decision, in micro-batches.
         let mut engine = Engine::new(config).await?;
@@ -143,7 +146,25 @@ pub async fn engine(
             std::hint::black_box(out);
             at += n;
         }
-        engine_rates.push(data.num_rows() as f64 / t.elapsed().as_secs_f64());
+        let elapsed = t.elapsed();
+        engine_rates.push(data.num_rows() as f64 / elapsed.as_secs_f64());
+        let times = engine.take_stage_times();
+        let mut accounted = std::time::Duration::ZERO;
+        for (i, (name, d)) in times.named().into_iter().enumerate() {
+            accounted += d;
+            stage_us.resize(stage_us.len().max(i + 1), (name, Vec::new()));
+            stage_us[i]
+                .1
+                .push(d.as_secs_f64() * 1e6 / data.num_rows() as f64);
+        }
+        let other = elapsed.saturating_sub(accounted);
+        stage_us.resize(
+            stage_us.len().max(8),
+            ("other (batching, schema, glue)", Vec::new()),
+        );
+        stage_us[7]
+            .1
+            .push(other.as_secs_f64() * 1e6 / data.num_rows() as f64);
         let st = engine.state_stats();
         entities = st.entities;
         state_rows = st.rows;
@@ -202,6 +223,10 @@ pub async fn engine(
         entities,
         state_rows,
         bytes_per_entity,
+        stages: stage_us
+            .into_iter()
+            .map(|(name, mut v)| (name, median(&mut v)))
+            .collect(),
     })
 }
 
@@ -216,6 +241,8 @@ pub fn report(b: &EngineBench, config_path: &Path) -> String {
          | batch of {} rows, p50 / p99 | {:.1} ms / {:.1} ms |\n\
          | entities tracked / window rows kept | {} / {} |\n\
          | resident memory per tracked entity | {:.0} bytes |\n\
+         \nWhere a row's time goes (engine runs, median µs per row):\n\n\
+         | step | µs per row |\n|---|---|\n{}\
          \nconfig: {}\n",
         b.rows,
         b.engine_rows_per_sec,
@@ -227,6 +254,10 @@ pub fn report(b: &EngineBench, config_path: &Path) -> String {
         b.entities,
         b.state_rows,
         b.bytes_per_entity,
+        b.stages
+            .iter()
+            .map(|(name, us)| format!("| {name} | {us:.2} |\n"))
+            .collect::<String>(),
         config_path.display()
     )
 }
