@@ -328,6 +328,8 @@ impl FeatureStage {
             self.index_rows(canonical, &time, &keys)?;
             self.labels.resolve();
         }
+        self.times.labels += started.elapsed();
+        let started = std::time::Instant::now();
         let mut hist = self
             .state
             .process(&WindowInput {

@@ -135,9 +135,9 @@ pub struct Engine {
 pub struct StageTimes {
     /// The features' pre query (DataFusion: keys, window arguments).
     pub pre: std::time::Duration,
-    /// The incremental window state (and the label index).
+    /// The incremental window state.
     pub windows: std::time::Duration,
-    /// Label features.
+    /// Label features (the index of recent transactions and the label windows).
     pub labels: std::time::Duration,
     /// The features' post query (DataFusion: the user's SELECT over the window results).
     pub post: std::time::Duration,
@@ -155,7 +155,7 @@ impl StageTimes {
         [
             ("features: pre query (DataFusion)", self.pre),
             ("features: window state", self.windows),
-            ("features: label windows", self.labels),
+            ("features: label index and windows", self.labels),
             ("features: post query (DataFusion)", self.post),
             ("model scoring", self.model),
             ("rules and decision", self.rules),

@@ -550,6 +550,9 @@ pub struct StateStats {
     pub evicted_idle: u64,
     /// Entities evicted to stay within the budget.
     pub evicted_budget: u64,
+    /// Heap bytes the state holds (rows, keys, running aggregates, maps), counted from their
+    /// capacities.
+    pub bytes: usize,
 }
 
 /// The window operator's state.
@@ -795,7 +798,37 @@ impl WindowState {
                 .sum(),
             evicted_idle: self.evicted_idle,
             evicted_budget: self.evicted_budget,
+            bytes: self.keys.iter().map(KeyState::bytes).sum(),
         }
+    }
+}
+
+impl KeyState {
+    /// Heap bytes of the key's entities.
+    fn bytes(&self) -> usize {
+        use std::mem::size_of;
+        let slot = size_of::<(Box<str>, Entity)>() + 1;
+        self.entities.capacity() * slot
+            + self
+                .entities
+                .iter()
+                .map(|(k, e)| {
+                    k.len()
+                        + e.times.capacity() * size_of::<i64>()
+                        + e.vals.capacity() * size_of::<Val>()
+                        + e.calls.capacity() * size_of::<CallState>()
+                        + e.calls
+                            .iter()
+                            .map(|c| match &c.running {
+                                Running::Distinct(Distinct::Few(v)) => {
+                                    v.capacity() * size_of::<(u64, u32)>()
+                                }
+                                Running::Distinct(Distinct::Many(m)) => m.capacity() * 17,
+                                _ => 0,
+                            })
+                            .sum::<usize>()
+                })
+                .sum::<usize>()
     }
 }
 
