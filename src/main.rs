@@ -148,6 +148,11 @@ enum Command {
         /// Rows per micro-batch (`engine`: the first value); `model`: comma-separated sizes.
         #[arg(long, default_value = "10000", value_delimiter = ',')]
         batch: Vec<usize>,
+        /// `engine`: simulated transactions per simulated second (0: the population's own rate,
+        /// as in the training data; higher compresses time, so every entity's windows hold more
+        /// rows).
+        #[arg(long, default_value_t = 0.0)]
+        simulated_tps: f64,
     },
     /// Validate the config file and SQL files without starting anything; lists every problem.
     Check {
@@ -245,6 +250,7 @@ async fn dispatch(command: Command) -> ExitCode {
             rows,
             runs,
             batch,
+            simulated_tps,
         } => {
             if !["engine", "model", "sink", "e2e"].contains(&what.as_str()) {
                 eprintln!("unknown benchmark {what:?}; known: engine, model, sink, e2e");
@@ -276,7 +282,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 "e2e" => payguard::bench::e2e(&config, rows as u64, runs)
                     .await
                     .map(|b| payguard::bench::e2e_report(&b, &path)),
-                _ => payguard::bench::engine(&config, rows, runs, batch)
+                _ => payguard::bench::engine(&config, rows, runs, batch, simulated_tps)
                     .await
                     .map(|b| payguard::bench::report(&b, &path)),
             };

@@ -113,7 +113,8 @@ SELECT transaction_id,
   max(amount) OVER (PARTITION BY merchant_id ORDER BY event_time RANGE BETWEEN INTERVAL '30 minutes' PRECEDING AND CURRENT ROW) AS mx30,
   sum(latitude) OVER (PARTITION BY card_id ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) AS slat,
   lag(amount) OVER (PARTITION BY card_id ORDER BY event_time) AS prev_amount,
-  lag(merchant_id) OVER (PARTITION BY card_id ORDER BY event_time) AS prev_merchant
+  lag(merchant_id) OVER (PARTITION BY card_id ORDER BY event_time) AS prev_merchant,
+  count(DISTINCT amount) OVER (PARTITION BY customer_id ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) AS damt1h
 FROM transactions";
 
 async fn stage(dir: &Path) -> FeatureStage {
@@ -220,6 +221,13 @@ fn brute(rows: &[Row], i: usize) -> Vec<Want> {
         prev.map_or(Want::Null, |p| Want::Int(p.cents as i128)),
         prev.and_then(|p| p.merchant.clone())
             .map_or(Want::Null, Want::Text),
+        Want::Int(
+            f_cus1h
+                .iter()
+                .map(|r| r.cents)
+                .collect::<HashSet<_>>()
+                .len() as i128,
+        ),
     ]
 }
 
@@ -293,7 +301,7 @@ async fn incremental_windows_equal_brute_force_on_out_of_order_streams() {
                 checked += 1;
             }
         }
-        assert_eq!(checked, rows.len() * 10);
+        assert_eq!(checked, rows.len() * 11);
         // The stream really was out of order.
         assert!(rows.windows(2).filter(|w| w[1].t < w[0].t).count() > rows.len() / 4);
     }

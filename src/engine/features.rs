@@ -34,6 +34,8 @@ pub struct FeatureStage {
     labels: LabelStore,
     /// Schema of the feature columns (without `transaction_id`).
     features: SchemaRef,
+    /// Time spent per step, for the benchmark's breakdown.
+    pub(crate) times: super::StageTimes,
 }
 
 /// How much state the feature stage may keep.
@@ -179,6 +181,7 @@ impl FeatureStage {
             state,
             labels,
             features,
+            times: Default::default(),
         })
     }
 
@@ -348,7 +351,10 @@ impl FeatureStage {
     pub async fn process(&mut self, canonical: &RecordBatch) -> Result<RecordBatch, EngineError> {
         let file = self.plan.file.clone();
         let n = canonical.num_rows();
+        let started = std::time::Instant::now();
         let (time, keys, args) = self.pre_columns(canonical).await?;
+        self.times.pre += started.elapsed();
+        let started = std::time::Instant::now();
         let arrow = |source| EngineError::Arrow {
             file: file.clone(),
             source,
@@ -359,6 +365,8 @@ impl FeatureStage {
             self.index_rows(canonical, &time, &keys)?;
             self.labels.resolve();
         }
+        self.times.labels += started.elapsed();
+        let started = std::time::Instant::now();
         let mut hist = self
             .state
             .process(&WindowInput {
@@ -368,7 +376,11 @@ impl FeatureStage {
             })
             .map_err(arrow)?;
         state::rescale_averages(&mut hist, &self.hist_calls, self.state.kinds()).map_err(arrow)?;
+        self.times.windows += started.elapsed();
+        let started = std::time::Instant::now();
         let labelled = self.labels.evaluate(&time, &keys).map_err(arrow)?;
+        self.times.labels += started.elapsed();
+        let started = std::time::Instant::now();
         let mut slots: Vec<Option<ArrayRef>> = vec![None; self.plan.calls.len()];
         for (&i, col) in self.hist.iter().zip(hist) {
             slots[i] = Some(col);
@@ -415,6 +427,7 @@ impl FeatureStage {
             out.columns().iter().skip(1).cloned().collect(),
         )
         .map_err(|source| EngineError::Arrow { file, source })?;
+        self.times.post += started.elapsed();
         Ok(features)
     }
 }

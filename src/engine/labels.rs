@@ -23,6 +23,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
+/// Hash maps keyed by ids and entity keys from the outside (randomly seeded foldhash).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 use datafusion::arrow::array::{
     Array, ArrayRef, Int64Builder, RecordBatch, StringArray, TimestampMillisecondArray,
 };
@@ -137,14 +140,14 @@ pub struct LabelStore {
     /// Key indices label calls use, in order; `slot[j]` is the position of key `j` in it.
     used_keys: Vec<usize>,
     slot: Vec<Option<usize>>,
-    index: HashMap<Box<str>, Indexed>,
+    index: Map<Box<str>, Indexed>,
     order: VecDeque<Box<str>>,
     index_max: usize,
     pending: Vec<Pending>,
     /// Per used key: entity → its labels, sorted by transaction time.
-    entities: Vec<HashMap<Box<str>, Vec<Entry>>>,
+    entities: Vec<Map<Box<str>, Vec<Entry>>>,
     /// Labelled transactions (first label wins) and their event time, for eviction.
-    labelled: HashMap<Box<str>, i64>,
+    labelled: Map<Box<str>, i64>,
     keep_ms: i64,
     stats: LabelStats,
 }
@@ -177,14 +180,14 @@ impl LabelStore {
         let longest = label_calls.iter().map(|c| c.3).max().unwrap_or(0);
         Self {
             calls: label_calls,
-            entities: used_keys.iter().map(|_| HashMap::new()).collect(),
+            entities: used_keys.iter().map(|_| Map::default()).collect(),
             used_keys,
             slot,
-            index: HashMap::new(),
+            index: Map::default(),
             order: VecDeque::new(),
             index_max: index_max.max(1),
             pending: Vec::new(),
-            labelled: HashMap::new(),
+            labelled: Map::default(),
             keep_ms: longest.saturating_add(lateness_ms),
             stats: LabelStats::default(),
         }

@@ -125,6 +125,43 @@ pub struct Engine {
     model: Option<Model>,
     /// Contributions stored per alert (`model.explain_top`).
     explain_top: usize,
+    /// Model, rules and explanation times (the feature steps are kept by the feature stage).
+    times: StageTimes,
+}
+
+/// Time spent in each step of [`Engine::decide`] since the engine was built (or
+/// [`Engine::take_stage_times`] last ran): the benchmark's breakdown of where a row's time goes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    /// The features' pre query (DataFusion: keys, window arguments).
+    pub pre: std::time::Duration,
+    /// The incremental window state.
+    pub windows: std::time::Duration,
+    /// Label features (the index of recent transactions and the label windows).
+    pub labels: std::time::Duration,
+    /// The features' post query (DataFusion: the user's SELECT over the window results).
+    pub post: std::time::Duration,
+    /// Model scoring.
+    pub model: std::time::Duration,
+    /// Rules and decision.
+    pub rules: std::time::Duration,
+    /// Explanations of alerts.
+    pub explain: std::time::Duration,
+}
+
+impl StageTimes {
+    /// Every step, named, in order.
+    pub fn named(&self) -> [(&'static str, std::time::Duration); 7] {
+        [
+            ("features: pre query (DataFusion)", self.pre),
+            ("features: window state", self.windows),
+            ("features: label index and windows", self.labels),
+            ("features: post query (DataFusion)", self.post),
+            ("model scoring", self.model),
+            ("rules and decision", self.rules),
+            ("alert explanations", self.explain),
+        ]
+    }
 }
 
 /// Column names the engine adds after the features.
@@ -232,6 +269,7 @@ impl Engine {
             lookup: None,
             model,
             explain_top: config.model.as_ref().map_or(0, |m| m.explain_top),
+            times: StageTimes::default(),
         })
     }
 
@@ -430,6 +468,22 @@ impl Engine {
         Ok(())
     }
 
+    /// The time spent per step since the last call (or since the engine was built), and start
+    /// counting again.
+    pub fn take_stage_times(&mut self) -> StageTimes {
+        let f = std::mem::take(&mut self.features.times);
+        let e = std::mem::take(&mut self.times);
+        StageTimes {
+            pre: f.pre,
+            windows: f.windows,
+            labels: f.labels,
+            post: f.post,
+            model: e.model,
+            rules: e.rules,
+            explain: e.explain,
+        }
+    }
+
     /// Process one micro-batch.
     pub async fn process(
         &mut self,
@@ -600,6 +654,7 @@ impl Engine {
         columns.extend(features.columns().iter().cloned());
         // The model stage fills these; without a model the score is NULL.
         let model_file = |m: &Model| m.path().to_path_buf();
+        let started = Instant::now();
         let scores = match &mut self.model {
             Some(m) => {
                 let s = m.score(&features)?;
@@ -625,7 +680,11 @@ impl Engine {
                 source,
             }
         })?;
+        self.times.model += started.elapsed();
+        let started = Instant::now();
         let decided = self.rules.decide(&scored).await?;
+        self.times.rules += started.elapsed();
+        let started = Instant::now();
         // Explanations for the alerts (review or decline) of a model-scored batch.
         let explanation: ArrayRef = match (&mut self.model, &scores) {
             (Some(m), Some(s)) if self.explain_top > 0 => {
@@ -649,6 +708,7 @@ impl Engine {
             }
             _ => new_null_array(&DataType::Utf8, n),
         };
+        self.times.explain += started.elapsed();
         columns.push(decided.decision);
         columns.push(decided.rule_hits);
         columns.push(explanation);

@@ -1,17 +1,21 @@
 //! Incremental per-entity state of the window calls of `features.sql` (see [`super::windows`]).
 //!
-//! For every (window call, entity) a [`Series`] keeps the entity's rows sorted by event time, plus
-//! a running aggregate over the frame ending at the newest event time seen (`head`). A row that
-//! arrives in event-time order (the normal case) updates the running aggregate and reads its
-//! result in O(1) amortised: this is how Flink evaluates OVER windows. A row older than `head`
-//! (out of order) is inserted at its place and its frame is aggregated by a scan.
+//! The calls are grouped by their partition key. For every (key, entity) an [`Entity`] keeps the
+//! entity's rows once, sorted by event time, with one value slot per distinct argument of the
+//! key's calls (`sum(amount)` over 1 hour and over 24 hours share the `amount` slot); each call
+//! keeps only where its head frame starts and a running aggregate over it (`head` is the newest
+//! event time seen). A row that arrives in event-time order (the normal case) appends to the
+//! rows, updates each running aggregate and reads its result in O(1) amortised: this is how Flink
+//! evaluates OVER windows. A row older than `head` (out of order) is inserted at its place and
+//! its frames are aggregated by a scan.
 //!
-//! History is kept for `range + allowed_lateness` behind `head`, so every row within the allowed
-//! lateness sees exactly the rows its frame asks for; entities idle for longer than the longest
-//! frame plus the lateness are evicted, and a budget bounds the number of entities kept.
+//! History is kept for the key's longest frame plus the allowed lateness behind `head` (and, for
+//! `lag`, the last row before the lateness bound), so every row within the allowed lateness sees
+//! exactly the rows its frame asks for; entities idle for longer than the longest frame plus the
+//! lateness are evicted, and a budget bounds the number of entities kept. Keys are hashed with
+//! foldhash (randomly seeded: entity ids come from the outside).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -101,238 +105,393 @@ pub fn output_type(func: WindowFunc, kind: ArgKind) -> DataType {
     }
 }
 
-/// One value of a row's argument.
+/// One value of a row's argument: 16 bytes, since rows are kept for the longest frame of their key.
 #[derive(Debug, Clone, PartialEq)]
 enum Val {
     Null,
-    /// Integers, decimals (unscaled), timestamps (ms).
-    I(i128),
+    /// Integers, timestamps (ms) and unscaled decimals that fit 64 bits.
+    I(i64),
+    /// Unscaled decimals beyond 64 bits.
+    Wide(Box<i128>),
     F(f64),
-    /// Text: its hash (distinct counting) and, for lag, the text.
-    S(u64, Option<Arc<str>>),
+    /// Text, as its hash (distinct counting).
+    H(u64),
+    /// Text, kept (lag).
+    S(Arc<Box<str>>),
 }
 
-/// Running aggregate over the head frame.
+impl Val {
+    /// The exact integer of an integer, timestamp or decimal value.
+    fn int(&self) -> Option<i128> {
+        match self {
+            Self::I(x) => Some(*x as i128),
+            Self::Wide(x) => Some(**x),
+            _ => None,
+        }
+    }
+
+    /// The identity of a value for distinct counting (integers exactly, floats by their bits
+    /// with -0 as 0, text by a fixed 64-bit hash).
+    fn distinct_key(&self) -> Option<u64> {
+        match self {
+            Self::Null => None,
+            Self::I(x) => Some(*x as u64),
+            Self::Wide(x) => Some(text_hash_bytes(&x.to_le_bytes())),
+            Self::F(x) => Some((*x + 0.0).to_bits()),
+            Self::H(h) => Some(*h),
+            Self::S(s) => Some(text_hash(s)),
+        }
+    }
+}
+
+/// Distinct values of a frame with their multiplicity: a short list (the common case, a few
+/// merchants or devices per card) that becomes a hash map when it grows.
+#[derive(Debug, Clone)]
+enum Distinct {
+    Few(Vec<(u64, u32)>),
+    Many(HashMap<u64, u32, foldhash::fast::FixedState>),
+}
+
+impl Distinct {
+    const FEW: usize = 24;
+
+    fn add(&mut self, k: u64) {
+        match self {
+            Self::Few(v) => {
+                if let Some(e) = v.iter_mut().find(|e| e.0 == k) {
+                    e.1 += 1;
+                } else if v.len() < Self::FEW {
+                    v.push((k, 1));
+                } else {
+                    let mut m: HashMap<u64, u32, _> =
+                        HashMap::with_capacity_and_hasher(v.len() * 2, Default::default());
+                    m.extend(v.iter().copied());
+                    m.insert(k, 1);
+                    *self = Self::Many(m);
+                }
+            }
+            Self::Many(m) => *m.entry(k).or_insert(0) += 1,
+        }
+    }
+
+    fn remove(&mut self, k: u64) {
+        match self {
+            Self::Few(v) => {
+                if let Some(i) = v.iter().position(|e| e.0 == k) {
+                    v[i].1 -= 1;
+                    if v[i].1 == 0 {
+                        v.swap_remove(i);
+                    }
+                }
+            }
+            Self::Many(m) => {
+                if let Some(c) = m.get_mut(&k) {
+                    *c -= 1;
+                    if *c == 0 {
+                        m.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Few(v) => v.len(),
+            Self::Many(m) => m.len(),
+        }
+    }
+}
+
+/// Running aggregate of one call over its head frame.
 #[derive(Debug, Clone)]
 enum Running {
     /// Rows and non-null values in the frame, and their exact integer sum.
     Exact { rows: i64, values: i64, sum: i128 },
-    /// Distinct value hashes with their multiplicity.
-    Distinct(HashMap<u64, u32>),
+    /// Distinct values with their multiplicity.
+    Distinct(Distinct),
     /// Nothing kept: computed by scanning (floats, min, max, lag).
     Scan,
 }
 
-/// One entity's rows for one call.
-#[derive(Debug, Clone)]
-struct Series {
-    /// (event time, value), sorted by event time; equal times in arrival order.
-    rows: VecDeque<(i64, Val)>,
-    /// Index of the first row of the head frame.
-    frame_start: usize,
-    /// Newest event time seen.
-    head: i64,
-    running: Running,
-}
-
-impl Series {
+impl Running {
     fn new(func: WindowFunc, kind: ArgKind) -> Self {
-        let running = match (func, kind) {
-            (WindowFunc::CountDistinct, _) => Running::Distinct(HashMap::new()),
-            (WindowFunc::CountStar | WindowFunc::Count, _) => Running::Exact {
-                rows: 0,
-                values: 0,
-                sum: 0,
-            },
-            (WindowFunc::Sum | WindowFunc::Avg, ArgKind::Int | ArgKind::Decimal(_)) => {
-                Running::Exact {
+        match (func, kind) {
+            (WindowFunc::CountDistinct, _) => Self::Distinct(Distinct::Few(Vec::new())),
+            (WindowFunc::CountStar | WindowFunc::Count, _)
+            | (WindowFunc::Sum | WindowFunc::Avg, ArgKind::Int | ArgKind::Decimal(_)) => {
+                Self::Exact {
                     rows: 0,
                     values: 0,
                     sum: 0,
                 }
             }
-            _ => Running::Scan,
-        };
-        Self {
-            rows: VecDeque::new(),
-            frame_start: 0,
-            head: i64::MIN,
-            running,
+            _ => Self::Scan,
         }
     }
 
-    fn add(running: &mut Running, v: &Val) {
-        match running {
-            Running::Exact { rows, values, sum } => {
+    fn add(&mut self, v: &Val) {
+        match self {
+            Self::Exact { rows, values, sum } => {
                 *rows += 1;
-                if let Val::I(x) = v {
+                if let Some(x) = v.int() {
                     *values += 1;
                     *sum += x;
-                } else if let Val::F(_) | Val::S(..) = v {
+                } else if !matches!(v, Val::Null) {
                     *values += 1;
                 }
             }
-            Running::Distinct(m) => {
-                if let Val::S(h, _) = v {
-                    *m.entry(*h).or_insert(0) += 1;
+            Self::Distinct(d) => {
+                if let Some(k) = v.distinct_key() {
+                    d.add(k);
                 }
             }
-            Running::Scan => {}
+            Self::Scan => {}
         }
     }
 
-    fn remove(running: &mut Running, v: &Val) {
-        match running {
-            Running::Exact { rows, values, sum } => {
+    fn remove(&mut self, v: &Val) {
+        match self {
+            Self::Exact { rows, values, sum } => {
                 *rows -= 1;
-                if let Val::I(x) = v {
+                if let Some(x) = v.int() {
                     *values -= 1;
                     *sum -= x;
-                } else if let Val::F(_) | Val::S(..) = v {
+                } else if !matches!(v, Val::Null) {
                     *values -= 1;
                 }
             }
-            Running::Distinct(m) => {
-                if let Val::S(h, _) = v
-                    && let Some(c) = m.get_mut(h)
-                {
-                    *c -= 1;
-                    if *c == 0 {
-                        m.remove(h);
-                    }
+            Self::Distinct(d) => {
+                if let Some(k) = v.distinct_key() {
+                    d.remove(k);
                 }
             }
-            Running::Scan => {}
+            Self::Scan => {}
         }
     }
 
-    /// Insert a row and compute its result (`want` false: only insert, the result is `Null`).
-    fn push(&mut self, t: i64, v: Val, call: &WindowCall, keep_ms: i64, want: bool) -> Out {
-        let range = call.range_ms;
-        let pos;
-        if t >= self.head {
-            // In order: append, advance the frame.
-            self.rows.push_back((t, v.clone()));
-            pos = self.rows.len() - 1;
-            Self::add(&mut self.running, &v);
-            self.head = t;
-            while self.frame_start < self.rows.len() && self.rows[self.frame_start].0 < t - range {
-                let (_, old) = &self.rows[self.frame_start];
-                Self::remove(&mut self.running, old);
-                self.frame_start += 1;
-            }
-        } else {
-            // Out of order: insert after the rows of equal or smaller time.
-            pos = self.rows.partition_point(|(rt, _)| *rt <= t);
-            self.rows.insert(pos, (t, v.clone()));
-            if t >= self.head - range {
-                Self::add(&mut self.running, &v);
-            } else if pos <= self.frame_start {
-                self.frame_start += 1;
-            }
-        }
-        let out = if !want {
-            Out::Null
-        } else if t == self.head && !matches!(self.running, Running::Scan) {
-            self.running_result(call.func)
-        } else {
-            self.scan(pos, t, call)
-        };
-        // Forget rows no row within the allowed lateness can need any more.
-        let cutoff = self.head - range - keep_ms;
-        while let Some((rt, _)) = self.rows.front() {
-            if *rt >= cutoff || self.frame_start == 0 {
-                break;
-            }
-            self.rows.pop_front();
-            self.frame_start -= 1;
-        }
-        out
-    }
-
-    fn running_result(&self, func: WindowFunc) -> Out {
-        match (&self.running, func) {
-            (Running::Exact { rows, .. }, WindowFunc::CountStar) => Out::I(*rows as i128),
-            (Running::Exact { values, .. }, WindowFunc::Count) => Out::I(*values as i128),
-            (Running::Exact { values, sum, .. }, WindowFunc::Sum) => {
+    fn result(&self, func: WindowFunc) -> Out {
+        match (self, func) {
+            (Self::Exact { rows, .. }, WindowFunc::CountStar) => Out::I(*rows as i128),
+            (Self::Exact { values, .. }, WindowFunc::Count) => Out::I(*values as i128),
+            (Self::Exact { values, sum, .. }, WindowFunc::Sum) => {
                 if *values == 0 {
                     Out::Null
                 } else {
                     Out::I(*sum)
                 }
             }
-            (Running::Exact { values, sum, .. }, WindowFunc::Avg) => {
+            (Self::Exact { values, sum, .. }, WindowFunc::Avg) => {
                 if *values == 0 {
                     Out::Null
                 } else {
                     Out::Avg(*sum, *values)
                 }
             }
-            (Running::Distinct(m), _) => Out::I(m.len() as i128),
+            (Self::Distinct(d), _) => Out::I(d.len() as i128),
             _ => unreachable!("running aggregates exist only for these calls"),
         }
     }
+}
 
-    /// Aggregate the frame `[t - range, t]` of the row at `pos` by scanning.
-    fn scan(&self, pos: usize, t: i64, call: &WindowCall) -> Out {
-        if call.func == WindowFunc::Lag {
-            return match pos.checked_sub(1).and_then(|p| self.rows.get(p)) {
-                Some((pt, v)) if *pt >= t - call.range_ms => Out::from_val(v),
-                _ => Out::Null,
-            };
+/// One call's view of an entity's rows: where its head frame starts, and its running aggregate.
+#[derive(Debug, Clone)]
+struct CallState {
+    /// Index of the first row of the head frame.
+    frame_start: usize,
+    running: Running,
+}
+
+/// An entity of one key: its rows, shared by every call partitioned by that key, sorted by event
+/// time (equal times in arrival order); each row holds one value per argument slot of the key.
+#[derive(Debug, Clone)]
+struct Entity {
+    times: VecDeque<i64>,
+    /// `slots` values per row, row after row.
+    vals: VecDeque<Val>,
+    /// Per call of the key, in the key's call order.
+    calls: Vec<CallState>,
+    /// Newest event time seen.
+    head: i64,
+    /// Sequence number of the last row that touched it (for the budget's LRU eviction).
+    last_seen: u64,
+}
+
+impl Entity {
+    fn new(spec: &KeySpec, calls: &[WindowCall], kinds: &[ArgKind]) -> Self {
+        Self {
+            times: VecDeque::new(),
+            vals: VecDeque::new(),
+            calls: spec
+                .calls
+                .iter()
+                .map(|&c| CallState {
+                    frame_start: 0,
+                    running: Running::new(calls[c].func, kinds[c]),
+                })
+                .collect(),
+            head: i64::MIN,
+            last_seen: 0,
         }
-        let lo = self.rows.partition_point(|(rt, _)| *rt < t - call.range_ms);
-        let frame = self.rows.range(lo..=pos);
-        let mut rows = 0i64;
-        let mut values = 0i64;
-        let mut isum = 0i128;
-        let mut fsum = 0f64;
-        let mut min: Option<Val> = None;
-        let mut max: Option<Val> = None;
-        let mut distinct = HashSet::new();
-        for (_, v) in frame {
-            rows += 1;
-            match v {
-                Val::Null => continue,
-                Val::I(x) => isum += x,
-                Val::F(x) => fsum += x,
-                Val::S(h, _) => {
-                    distinct.insert(*h);
+    }
+
+    /// Insert a row (its slot values in `row`, drained) and emit each call's result for it, in
+    /// the key's call order.
+    fn push(
+        &mut self,
+        t: i64,
+        row: &mut Vec<Val>,
+        spec: &KeySpec,
+        calls: &[WindowCall],
+        keep_ms: i64,
+        mut emit: impl FnMut(usize, Out),
+    ) {
+        let stride = spec.slot_reader.len();
+        let Self {
+            times,
+            vals,
+            calls: states,
+            head,
+            ..
+        } = self;
+        let in_order = t >= *head;
+        let pos = if in_order {
+            times.push_back(t);
+            vals.extend(row.drain(..));
+            *head = t;
+            times.len() - 1
+        } else {
+            let pos = times.partition_point(|rt| *rt <= t);
+            times.insert(pos, t);
+            for (j, v) in row.drain(..).enumerate() {
+                vals.insert(pos * stride + j, v);
+            }
+            pos
+        };
+        let head = *head;
+        for (local, cs) in states.iter_mut().enumerate() {
+            let call = &calls[spec.calls[local]];
+            let slot = spec.slot_of[local];
+            let value = |i: usize| slot.map_or(&Val::Null, |s| &vals[i * stride + s]);
+            let range = call.range_ms;
+            if matches!(cs.running, Running::Scan) {
+                // Scanned calls keep no frame.
+            } else if in_order {
+                cs.running.add(value(pos));
+                while cs.frame_start < times.len() && times[cs.frame_start] < t - range {
+                    cs.running.remove(value(cs.frame_start));
+                    cs.frame_start += 1;
+                }
+            } else if t >= head - range {
+                cs.running.add(value(pos));
+            } else {
+                // Before the head frame: it shifts the frame's first row by one.
+                cs.frame_start += 1;
+            }
+            let out = if t == head && !matches!(cs.running, Running::Scan) {
+                cs.running.result(call.func)
+            } else {
+                scan(times, pos, t, call, value)
+            };
+            emit(local, out);
+        }
+        // Forget rows no row within the allowed lateness can need any more: older than every
+        // frame (and, for lag, not the last row before the lateness bound).
+        let cutoff = head - spec.frame_ms - keep_ms;
+        let lag_bound = head - keep_ms;
+        while let Some(&rt) = times.front() {
+            if rt >= cutoff
+                || (spec.has_lag && times.get(1).is_none_or(|&next| next > lag_bound))
+                || states
+                    .iter()
+                    .any(|c| c.frame_start == 0 && !matches!(c.running, Running::Scan))
+            {
+                break;
+            }
+            times.pop_front();
+            vals.drain(..stride);
+            states
+                .iter_mut()
+                .for_each(|c| c.frame_start = c.frame_start.saturating_sub(1));
+        }
+    }
+}
+
+/// Aggregate the frame `[t - range, t]` of the row at `pos` by scanning.
+fn scan<'v>(
+    times: &VecDeque<i64>,
+    pos: usize,
+    t: i64,
+    call: &WindowCall,
+    value: impl Fn(usize) -> &'v Val,
+) -> Out {
+    if call.func == WindowFunc::Lag {
+        return match pos.checked_sub(1) {
+            Some(p) if times[p] >= t - call.range_ms => Out::from_val(value(p)),
+            _ => Out::Null,
+        };
+    }
+    let lo = times.partition_point(|rt| *rt < t - call.range_ms);
+    let mut rows = 0i64;
+    let mut values = 0i64;
+    let mut isum = 0i128;
+    let mut fsum = 0f64;
+    let mut min: Option<&Val> = None;
+    let mut max: Option<&Val> = None;
+    let mut distinct = Distinct::Few(Vec::new());
+    for i in lo..=pos {
+        let v = value(i);
+        rows += 1;
+        match v {
+            Val::Null => continue,
+            Val::F(x) => fsum += x,
+            other => {
+                if let Some(x) = other.int() {
+                    isum += x;
                 }
             }
-            values += 1;
-            if min.as_ref().is_none_or(|m| val_lt(v, m)) {
-                min = Some(v.clone());
-            }
-            if max.as_ref().is_none_or(|m| val_lt(m, v)) {
-                max = Some(v.clone());
-            }
         }
-        let float = matches!(min, Some(Val::F(_)));
-        match call.func {
-            WindowFunc::CountStar => Out::I(rows as i128),
-            WindowFunc::Count => Out::I(values as i128),
-            WindowFunc::CountDistinct => Out::I(distinct.len() as i128),
-            _ if values == 0 => Out::Null,
-            WindowFunc::Sum if float => Out::F(fsum),
-            WindowFunc::Sum => Out::I(isum),
-            WindowFunc::Avg if float => Out::F(fsum / values as f64),
-            WindowFunc::Avg => Out::Avg(isum, values),
-            WindowFunc::Min => min.map_or(Out::Null, |v| Out::from_val(&v)),
-            WindowFunc::Max => max.map_or(Out::Null, |v| Out::from_val(&v)),
-            WindowFunc::Lag => unreachable!("handled above"),
-            WindowFunc::FraudLabels | WindowFunc::KnownLabels => {
-                unreachable!("label calls are evaluated by the label store")
-            }
+        if call.func == WindowFunc::CountDistinct
+            && let Some(k) = v.distinct_key()
+            && !matches!(&distinct, Distinct::Few(d) if d.iter().any(|e| e.0 == k))
+            && !matches!(&distinct, Distinct::Many(m) if m.contains_key(&k))
+        {
+            distinct.add(k);
+        }
+        values += 1;
+        if min.is_none_or(|m| val_lt(v, m)) {
+            min = Some(v);
+        }
+        if max.is_none_or(|m| val_lt(m, v)) {
+            max = Some(v);
+        }
+    }
+    let float = matches!(min, Some(Val::F(_)));
+    match call.func {
+        WindowFunc::CountStar => Out::I(rows as i128),
+        WindowFunc::Count => Out::I(values as i128),
+        WindowFunc::CountDistinct => Out::I(distinct.len() as i128),
+        _ if values == 0 => Out::Null,
+        WindowFunc::Sum if float => Out::F(fsum),
+        WindowFunc::Sum => Out::I(isum),
+        WindowFunc::Avg if float => Out::F(fsum / values as f64),
+        WindowFunc::Avg => Out::Avg(isum, values),
+        WindowFunc::Min => min.map_or(Out::Null, Out::from_val),
+        WindowFunc::Max => max.map_or(Out::Null, Out::from_val),
+        WindowFunc::Lag => unreachable!("handled above"),
+        WindowFunc::FraudLabels | WindowFunc::KnownLabels => {
+            unreachable!("label calls are evaluated by the label store")
         }
     }
 }
 
 fn val_lt(a: &Val, b: &Val) -> bool {
     match (a, b) {
-        (Val::I(x), Val::I(y)) => x < y,
         (Val::F(x), Val::F(y)) => x < y,
-        _ => false,
+        _ => match (a.int(), b.int()) {
+            (Some(x), Some(y)) => x < y,
+            _ => false,
+        },
     }
 }
 
@@ -344,37 +503,40 @@ enum Out {
     F(f64),
     /// Exact sum and count of an average.
     Avg(i128, i64),
-    S(Arc<str>),
+    S(Arc<Box<str>>),
 }
 
 impl Out {
     fn from_val(v: &Val) -> Self {
         match v {
-            Val::Null => Self::Null,
-            Val::I(x) => Self::I(*x),
+            Val::Null | Val::H(_) => Self::Null,
             Val::F(x) => Self::F(*x),
-            Val::S(_, Some(s)) => Self::S(s.clone()),
-            Val::S(_, None) => Self::Null,
+            Val::S(s) => Self::S(s.clone()),
+            other => other.int().map_or(Self::Null, Self::I),
         }
     }
 }
 
-/// An entity's series, one per call of its key.
-#[derive(Debug, Clone)]
-struct Entity {
-    series: Vec<Series>,
-    /// Newest event time of the entity (over all its series).
-    head: i64,
-    /// Sequence number of the last row that touched it (for the budget's LRU eviction).
-    last_seen: u64,
-}
-
-/// Per-key entity maps.
+/// The calls partitioned by one key, and how their arguments share the key's row slots.
 #[derive(Debug)]
-struct KeyState {
+struct KeySpec {
     /// Calls (indices into `calls`) partitioned by this key.
     calls: Vec<usize>,
-    entities: HashMap<Box<str>, Entity>,
+    /// Per call of the key: the row slot holding its argument (None for `count(*)`).
+    slot_of: Vec<Option<usize>>,
+    /// Per slot: the call whose argument column fills it (calls with the same argument share).
+    slot_reader: Vec<usize>,
+    /// Longest frame of the key's calls other than lag.
+    frame_ms: i64,
+    /// Whether a lag call reads the key's rows.
+    has_lag: bool,
+}
+
+/// One key's calls and entities.
+#[derive(Debug)]
+struct KeyState {
+    spec: KeySpec,
+    entities: HashMap<Box<str>, Entity, foldhash::fast::RandomState>,
 }
 
 /// Statistics of the state, for metrics and the memory benchmark.
@@ -382,12 +544,15 @@ struct KeyState {
 pub struct StateStats {
     /// Entities tracked, over all keys.
     pub entities: usize,
-    /// Rows kept, over all series.
+    /// Rows kept, over all entities (a row is kept once per key, for all the key's calls).
     pub rows: usize,
     /// Entities evicted for being idle.
     pub evicted_idle: u64,
     /// Entities evicted to stay within the budget.
     pub evicted_budget: u64,
+    /// Heap bytes the state holds (rows, keys, running aggregates, maps), counted from their
+    /// capacities.
+    pub bytes: usize,
 }
 
 /// The window operator's state.
@@ -430,12 +595,45 @@ impl WindowState {
     ) -> Self {
         let mut keys: Vec<KeyState> = (0..n_keys)
             .map(|_| KeyState {
-                calls: Vec::new(),
-                entities: HashMap::new(),
+                spec: KeySpec {
+                    calls: Vec::new(),
+                    slot_of: Vec::new(),
+                    slot_reader: Vec::new(),
+                    frame_ms: 0,
+                    has_lag: false,
+                },
+                entities: HashMap::default(),
             })
             .collect();
         for (i, k) in call_key.iter().enumerate() {
-            keys[*k].calls.push(i);
+            let ks = &mut keys[*k].spec;
+            let call = &calls[i];
+            ks.calls.push(i);
+            if call.func == WindowFunc::Lag {
+                ks.has_lag = true;
+            } else {
+                ks.frame_ms = ks.frame_ms.max(call.range_ms);
+            }
+            // Calls of one key over the same argument (and the same way of keeping text) share
+            // its slot.
+            let keeps_text = |c: usize| calls[c].func == WindowFunc::Lag;
+            let slot = match (&call.arg, kinds[i]) {
+                (_, ArgKind::None) | (None, _) => None,
+                (Some(arg), kind) => Some(
+                    ks.slot_reader
+                        .iter()
+                        .position(|&r| {
+                            calls[r].arg.as_ref() == Some(arg)
+                                && kinds[r] == kind
+                                && (kind != ArgKind::Text || keeps_text(r) == keeps_text(i))
+                        })
+                        .unwrap_or_else(|| {
+                            ks.slot_reader.push(i);
+                            ks.slot_reader.len() - 1
+                        }),
+                ),
+            };
+            ks.slot_of.push(slot);
         }
         let longest_ms = calls.iter().map(|c| c.range_ms).max().unwrap_or(0);
         Self {
@@ -456,6 +654,11 @@ impl WindowState {
     /// Kind of each call's argument.
     pub fn kinds(&self) -> &[ArgKind] {
         &self.kinds
+    }
+
+    /// Longest frame of the calls (lag: the kept history).
+    pub fn longest_ms(&self) -> i64 {
+        self.longest_ms
     }
 
     /// One result builder per call.
@@ -516,16 +719,9 @@ impl WindowState {
     }
 
     /// Add a batch's rows to the state exactly as [`WindowState::process`] does, without
-    /// computing their results (rebuilding the state from stored history at start). Never peeks.
+    /// keeping their results (rebuilding the state from stored history at start). Never peeks.
     pub fn record(&mut self, input: &WindowInput<'_>) -> Result<(), ArrowError> {
         self.update(input, None)
-    }
-
-    /// The longest frame of the calls (`lag` reaches back `engine.history`), in milliseconds;
-    /// 0 without calls. Rows older than this plus the allowed lateness behind the newest row
-    /// cannot matter to any row still to come.
-    pub fn longest_ms(&self) -> i64 {
-        self.longest_ms
     }
 
     /// Add rows to the state in batch order; with `builders`, append each row's results.
@@ -535,61 +731,48 @@ impl WindowState {
         mut builders: Option<&mut Vec<Builder>>,
     ) -> Result<(), ArrowError> {
         let n = input.time.len();
-        let want = builders.is_some();
         let (keys, args) = self.read_columns(input)?;
-        let keys: Vec<&StringArray> = keys
-            .iter()
-            .map(|k| {
-                k.as_any()
-                    .downcast_ref::<StringArray>()
-                    .expect("cast to Utf8")
-            })
-            .collect();
+        let keys = utf8_keys(&keys);
         let readers = self.readers(&args);
-        let hasher = FixedHasher;
+        let mut row_vals: Vec<Val> = Vec::new();
 
         for row in 0..n {
             self.seq += 1;
-            let t = if input.time.is_null(row) {
-                None
-            } else {
-                Some(input.time.value(row))
-            };
-            for (g, ks) in self.keys.iter_mut().enumerate() {
-                if ks.calls.is_empty() {
+            let t = (!input.time.is_null(row)).then(|| input.time.value(row));
+            for (g, KeyState { spec, entities }) in self.keys.iter_mut().enumerate() {
+                if spec.calls.is_empty() {
                     continue;
                 }
                 let key = keys[g];
                 let (Some(t), false) = (t, key.is_null(row)) else {
                     if let Some(b) = builders.as_deref_mut() {
-                        for &c in &ks.calls {
+                        for &c in &spec.calls {
                             b[c].push_empty(self.calls[c].func);
                         }
                     }
                     continue;
                 };
                 let k = key.value(row);
-                let entity = match ks.entities.get_mut(k) {
+                let e = match entities.get_mut(k) {
                     Some(e) => e,
-                    None => ks.entities.entry(k.into()).or_insert_with(|| Entity {
-                        series: ks
-                            .calls
-                            .iter()
-                            .map(|&c| Series::new(self.calls[c].func, self.kinds[c]))
-                            .collect(),
-                        head: i64::MIN,
-                        last_seen: 0,
-                    }),
+                    None => entities
+                        .entry(k.into())
+                        .or_insert_with(|| Entity::new(spec, &self.calls, &self.kinds)),
                 };
-                entity.last_seen = self.seq;
-                entity.head = entity.head.max(t);
-                for (local, &c) in ks.calls.iter().enumerate() {
-                    let v = readers[c].get(row, &hasher);
-                    let out = entity.series[local].push(t, v, &self.calls[c], self.keep_ms, want);
-                    if let Some(b) = builders.as_deref_mut() {
-                        b[c].push(out);
-                    }
-                }
+                e.last_seen = self.seq;
+                row_vals.extend(spec.slot_reader.iter().map(|&c| readers[c].get(row)));
+                e.push(
+                    t,
+                    &mut row_vals,
+                    spec,
+                    &self.calls,
+                    self.keep_ms,
+                    |local, out| {
+                        if let Some(b) = builders.as_deref_mut() {
+                            b[spec.calls[local]].push(out)
+                        }
+                    },
+                );
             }
         }
         self.rows_since_sweep += n;
@@ -633,12 +816,53 @@ impl WindowState {
                 .keys
                 .iter()
                 .flat_map(|k| k.entities.values())
-                .map(|e| e.series.iter().map(|s| s.rows.len()).sum::<usize>())
+                .map(|e| e.times.len())
                 .sum(),
             evicted_idle: self.evicted_idle,
             evicted_budget: self.evicted_budget,
+            bytes: self.keys.iter().map(KeyState::bytes).sum(),
         }
     }
+}
+
+impl KeyState {
+    /// Heap bytes of the key's entities.
+    fn bytes(&self) -> usize {
+        use std::mem::size_of;
+        let slot = size_of::<(Box<str>, Entity)>() + 1;
+        self.entities.capacity() * slot
+            + self
+                .entities
+                .iter()
+                .map(|(k, e)| {
+                    k.len()
+                        + e.times.capacity() * size_of::<i64>()
+                        + e.vals.capacity() * size_of::<Val>()
+                        + e.calls.capacity() * size_of::<CallState>()
+                        + e.calls
+                            .iter()
+                            .map(|c| match &c.running {
+                                Running::Distinct(Distinct::Few(v)) => {
+                                    v.capacity() * size_of::<(u64, u32)>()
+                                }
+                                Running::Distinct(Distinct::Many(m)) => m.capacity() * 17,
+                                _ => 0,
+                            })
+                            .sum::<usize>()
+                })
+                .sum::<usize>()
+    }
+}
+
+/// The key columns as text arrays (after [`WindowState::read_columns`]).
+fn utf8_keys(keys: &[ArrayRef]) -> Vec<&StringArray> {
+    keys.iter()
+        .map(|k| {
+            k.as_any()
+                .downcast_ref::<StringArray>()
+                .expect("cast to Utf8")
+        })
+        .collect()
 }
 
 /// Non-mutating evaluation, for online scoring (`POST /v1/score` with `record: false`).
@@ -656,9 +880,9 @@ impl WindowState {
     }
 
     /// Compute the window columns of a batch exactly as [`WindowState::process`] would, without
-    /// changing the state: every row is evaluated against a copy of its entity's series. Rows of
-    /// the same group (consecutive equal values of `groups`, one per row; one request) see the
-    /// earlier rows of their group as `process` would; rows of other groups never see each other.
+    /// changing the state: every row is evaluated against a copy of its entity. Rows of the same
+    /// group (consecutive equal values of `groups`, one per row; one request) see the earlier rows
+    /// of their group as `process` would; rows of other groups never see each other.
     pub fn peek(
         &self,
         input: &WindowInput<'_>,
@@ -673,72 +897,56 @@ impl WindowState {
         }
         let mut builders = self.builders(n);
         let (keys, args) = self.read_columns(input)?;
-        let keys: Vec<&StringArray> = keys
-            .iter()
-            .map(|k| {
-                k.as_any()
-                    .downcast_ref::<StringArray>()
-                    .expect("cast to Utf8")
-            })
-            .collect();
+        let keys = utf8_keys(&keys);
         let readers = self.readers(&args);
-        let hasher = FixedHasher;
+        let mut row_vals: Vec<Val> = Vec::new();
         // Copies of the entities the current group touched, per key.
         let mut scratch: Vec<HashMap<&str, Entity>> = vec![HashMap::new(); self.keys.len()];
         for row in 0..n {
             if row > 0 && groups[row] != groups[row - 1] {
                 scratch.iter_mut().for_each(HashMap::clear);
             }
-            let t = if input.time.is_null(row) {
-                None
-            } else {
-                Some(input.time.value(row))
-            };
+            let t = (!input.time.is_null(row)).then(|| input.time.value(row));
             for (g, ks) in self.keys.iter().enumerate() {
+                let spec = &ks.spec;
                 let key = keys[g];
                 let (Some(t), false) = (t, key.is_null(row)) else {
-                    for &c in &ks.calls {
+                    for &c in &spec.calls {
                         builders[c].push_empty(self.calls[c].func);
                     }
                     continue;
                 };
                 let k = key.value(row);
-                let entity = scratch[g]
+                let e = scratch[g]
                     .entry(k)
                     .or_insert_with(|| match ks.entities.get(k) {
                         Some(e) => e.clone(),
-                        None => Entity {
-                            series: ks
-                                .calls
-                                .iter()
-                                .map(|&c| Series::new(self.calls[c].func, self.kinds[c]))
-                                .collect(),
-                            head: i64::MIN,
-                            last_seen: 0,
-                        },
+                        None => Entity::new(spec, &self.calls, &self.kinds),
                     });
-                entity.head = entity.head.max(t);
-                for (local, &c) in ks.calls.iter().enumerate() {
-                    let v = readers[c].get(row, &hasher);
-                    let out = entity.series[local].push(t, v, &self.calls[c], self.keep_ms, true);
-                    builders[c].push(out);
-                }
+                row_vals.extend(spec.slot_reader.iter().map(|&c| readers[c].get(row)));
+                e.push(
+                    t,
+                    &mut row_vals,
+                    spec,
+                    &self.calls,
+                    self.keep_ms,
+                    |local, out| builders[spec.calls[local]].push(out),
+                );
             }
         }
         Ok(builders.into_iter().map(Builder::finish).collect())
     }
 }
 
-/// A deterministic 64-bit hash (SipHash with fixed keys) for distinct counting: the same value
-/// hashes the same in every batch and every run.
-struct FixedHasher;
+/// A deterministic 64-bit hash of text for distinct counting: the same value hashes the same in
+/// every batch and every run.
+fn text_hash(s: &str) -> u64 {
+    text_hash_bytes(s.as_bytes())
+}
 
-impl FixedHasher {
-    fn hash(&self, s: &str) -> u64 {
-        let mut h = std::hash::DefaultHasher::new();
-        s.hash(&mut h);
-        h.finish()
-    }
+fn text_hash_bytes(b: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::quality::FixedState::with_seed(0x5041_5947_5541_5244).hash_one(b)
 }
 
 enum Reader<'a> {
@@ -765,16 +973,23 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn get(&self, row: usize, hasher: &FixedHasher) -> Val {
+    fn get(&self, row: usize) -> Val {
         match self {
             Self::None => Val::Null,
-            Self::Int(a) if !a.is_null(row) => Val::I(a.value(row) as i128),
-            Self::Dec(a) if !a.is_null(row) => Val::I(a.value(row)),
+            Self::Int(a) if !a.is_null(row) => Val::I(a.value(row)),
+            Self::Dec(a) if !a.is_null(row) => {
+                let x = a.value(row);
+                i64::try_from(x).map_or_else(|_| Val::Wide(Box::new(x)), Val::I)
+            }
             Self::F64(a) if !a.is_null(row) => Val::F(a.value(row)),
-            Self::Time(a) if !a.is_null(row) => Val::I(a.value(row) as i128),
+            Self::Time(a) if !a.is_null(row) => Val::I(a.value(row)),
             Self::Text(a, keep) if !a.is_null(row) => {
                 let s = a.value(row);
-                Val::S(hasher.hash(s), keep.then(|| Arc::from(s)))
+                if *keep {
+                    Val::S(Arc::new(s.into()))
+                } else {
+                    Val::H(text_hash(s))
+                }
             }
             _ => Val::Null,
         }
@@ -821,7 +1036,7 @@ impl Builder {
             (Self::F64(b), Out::Avg(s, n)) => b.append_value(avg_of(s, n)),
             (Self::F64(b), Out::I(x)) => b.append_value(x as f64),
             (Self::Time(b), Out::I(x)) => b.append_value(x as i64),
-            (Self::Text(b), Out::S(s)) => b.append_value(&*s),
+            (Self::Text(b), Out::S(s)) => b.append_value(&**s),
             (Self::Int(b), _) => b.append_null(),
             (Self::Dec(b, _, _), _) => b.append_null(),
             (Self::F64(b), _) => b.append_null(),
@@ -1087,6 +1302,7 @@ mod tests {
         assert_eq!(warmed.longest_ms(), 100_000);
     }
 
+    #[test]
     #[test]
     fn peek_groups_do_not_see_each_other() {
         let (calls, kinds) = all_calls();
