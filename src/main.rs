@@ -10,6 +10,11 @@ use payguard::app::{self, GenerateOptions, GenerateOutput};
 use payguard::pipeline::RunOptions;
 use payguard::source::simulator::SimulatorParams;
 
+/// jemalloc rather than glibc malloc: the window state and DataFusion allocate and free many
+/// small blocks per batch, which glibc spends a large share of the engine's time consolidating.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Real-time payment fraud detection: Kafka -> SQL features and rules -> model scoring ->
 /// PostgreSQL/TimescaleDB, exactly-once.
 #[derive(Debug, Parser)]
