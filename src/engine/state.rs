@@ -1303,7 +1303,6 @@ mod tests {
     }
 
     #[test]
-    #[test]
     fn peek_groups_do_not_see_each_other() {
         let (calls, kinds) = all_calls();
         let mut st = WindowState::new(calls, kinds, &[0; 5], 1, 60_000, 1000);
