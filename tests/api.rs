@@ -715,17 +715,7 @@ async fn demo_serves_the_page_and_scores_against_the_simulated_stream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn api_labels_reach_the_running_engine() {
     // The label rule of tests/label_feedback.rs, on top of the shipped rules.
-    let rules = tempfile::NamedTempFile::new().unwrap();
-    let shipped = std::fs::read_to_string(common::repo().join("sql/rules.sql")).unwrap();
-    std::fs::write(
-        rules.path(),
-        format!(
-            "{}\nUNION ALL\nSELECT transaction_id, 'card_reported_fraud', 'decline', \
-             'card has a confirmed fraud report' FROM scored WHERE card_fraud_labels_90d > 0\n",
-            shipped.trim_end()
-        ),
-    )
-    .unwrap();
+    let rules = common::rules_with_card_fraud_label_rule();
     let env = TestEnv::new("api_labels", |t| {
         t.remove("model");
         t["labels"]

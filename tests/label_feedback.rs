@@ -21,17 +21,7 @@ fn at(days: f64) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn labels_are_stored_once_and_seen_point_in_time_across_a_restart() {
     // The shipped rules plus one on the label feature (a card with a confirmed fraud report).
-    let rules = tempfile::NamedTempFile::new().unwrap();
-    let shipped = std::fs::read_to_string(common::repo().join("sql/rules.sql")).unwrap();
-    std::fs::write(
-        rules.path(),
-        format!(
-            "{}\nUNION ALL\nSELECT transaction_id, 'card_reported_fraud', 'decline', \
-             'card has a confirmed fraud report' FROM scored WHERE card_fraud_labels_90d > 0\n",
-            shipped.trim_end()
-        ),
-    )
-    .unwrap();
+    let rules = common::rules_with_card_fraud_label_rule();
     let env = TestEnv::new("labels", |t| {
         t["labels"]
             .as_table_mut()

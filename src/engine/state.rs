@@ -230,42 +230,33 @@ impl Running {
         }
     }
 
+    /// A value enters the frame.
     fn add(&mut self, v: &Val) {
-        match self {
-            Self::Exact { rows, values, sum } => {
-                *rows += 1;
-                if let Some(x) = v.int() {
-                    *values += 1;
-                    *sum += x;
-                } else if !matches!(v, Val::Null) {
-                    *values += 1;
-                }
-            }
-            Self::Distinct(d) => {
-                if let Some(k) = v.distinct_key() {
-                    d.add(k);
-                }
-            }
-            Self::Scan => {}
-        }
+        self.shift(v, 1);
     }
 
+    /// A value leaves the frame.
     fn remove(&mut self, v: &Val) {
+        self.shift(v, -1);
+    }
+
+    /// Count `v` into the aggregate (`sign` 1) or out of it (-1).
+    fn shift(&mut self, v: &Val, sign: i64) {
         match self {
             Self::Exact { rows, values, sum } => {
-                *rows -= 1;
+                *rows += sign;
+                if !matches!(v, Val::Null) {
+                    *values += sign;
+                }
                 if let Some(x) = v.int() {
-                    *values -= 1;
-                    *sum -= x;
-                } else if !matches!(v, Val::Null) {
-                    *values -= 1;
+                    *sum += x * sign as i128;
                 }
             }
-            Self::Distinct(d) => {
-                if let Some(k) = v.distinct_key() {
-                    d.remove(k);
-                }
-            }
+            Self::Distinct(d) => match (v.distinct_key(), sign > 0) {
+                (Some(k), true) => d.add(k),
+                (Some(k), false) => d.remove(k),
+                (None, _) => {}
+            },
             Self::Scan => {}
         }
     }

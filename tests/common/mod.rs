@@ -371,6 +371,23 @@ impl Drop for TestEnv {
     }
 }
 
+/// A rules file: the shipped `sql/rules.sql` plus one rule on a label feature (a card with a
+/// confirmed fraud report is declined). Kept alive by the returned handle.
+pub fn rules_with_card_fraud_label_rule() -> tempfile::NamedTempFile {
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    let shipped = std::fs::read_to_string(repo().join("sql/rules.sql")).unwrap();
+    std::fs::write(
+        rules.path(),
+        format!(
+            "{}\nUNION ALL\nSELECT transaction_id, 'card_reported_fraud', 'decline', \
+             'card has a confirmed fraud report' FROM scored WHERE card_fraud_labels_90d > 0\n",
+            shipped.trim_end()
+        ),
+    )
+    .unwrap();
+    rules
+}
+
 /// Send a signal to a child process.
 pub fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
