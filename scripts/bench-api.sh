@@ -62,6 +62,16 @@ if a:
 done
 [[ -n "$body" ]] || { echo "no alert to take a card from" >&2; exit 1; }
 echo "$body" > "$work/body.json"
+# oha sends these line by line: one body per request, each with a transaction id of its own (as
+# an authorisation stream has them; repeats of an id are evaluated one after the other).
+python3 - "$work/body.json" "$work/bodies.jsonl" <<'PY'
+import json, sys
+b = json.load(open(sys.argv[1]))
+with open(sys.argv[2], "w") as out:
+    for i in range(200000):
+        b["transaction"]["transaction_id"] = f"bench-{i}"
+        out.write(json.dumps(b, separators=(",", ":")) + "\n")
+PY
 code="$(curl -s -o "$work/one.json" -w '%{http_code}' -H 'content-type: application/json' --data @"$work/body.json" "http://$addr/v1/score")"
 [[ "$code" == 200 ]] || { echo "scoring answered $code: $(cat "$work/one.json")" >&2; exit 1; }
 
@@ -107,7 +117,7 @@ echo "run kind    p50_ms p99_ms p99.9_ms req/s ok_share"
 for i in $(seq 1 "$RUNS"); do
   if [[ "$TOOL" == oha ]]; then
     l="$(run_oha live "http://$addr/health/live")"
-    s="$(run_oha score -m POST -H 'content-type: application/json' -D "$work/body.json" "http://$addr/v1/score")"
+    s="$(run_oha score -m POST -H 'content-type: application/json' -Z "$work/bodies.jsonl" "http://$addr/v1/score")"
   else
     l="$(run_wrk live "http://$addr/health/live")"
     s="$(run_wrk score "http://$addr/v1/score" "$work/body.json")"

@@ -528,6 +528,9 @@ pub struct SinkBench {
     /// Rows per second of `psql \copy` of the same rows (the same COPY text) into a table like
     /// `transactions` (same indexes), one COPY of all rows (median).
     pub psql_rows_per_sec: f64,
+    /// The same in binary COPY format (the sink's own binary stream of the rows, from a file),
+    /// when the sink writes binary (median).
+    pub psql_binary_rows_per_sec: Option<f64>,
     /// Alerts among the rows.
     pub alerts: usize,
 }
@@ -591,6 +594,14 @@ pub async fn sink(
     let file =
         std::env::temp_dir().join(format!("payguard-bench-sink-{}.copy", std::process::id()));
     std::fs::write(&file, &text).map_err(setup("write the COPY file"))?;
+    let binary_file = match pg.transactions_copy_binary(&decided)? {
+        Some(bytes) => {
+            let f = file.with_extension("bin");
+            std::fs::write(&f, bytes).map_err(setup("write the binary COPY file"))?;
+            Some(f)
+        }
+        None => None,
+    };
 
     let truncate = format!(
         "TRUNCATE transactions, alerts, consumer_offsets, bench_copy{}",
@@ -601,6 +612,35 @@ pub async fn sink(
     );
     let mut sink_rates = Vec::new();
     let mut psql_rates = Vec::new();
+    let mut psql_binary_rates = Vec::new();
+    // One COPY into the emptied table, after a checkpoint (as the sink's run starts).
+    let psql_copy = |from: &Path, with: &str| -> Result<f64, BenchError> {
+        let psql = |command: String| -> Result<(), BenchError> {
+            let out = std::process::Command::new("psql")
+                .arg(&url)
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+                .arg(command)
+                .output()
+                .map_err(setup("run psql"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(BenchError::Setup(format!(
+                    "psql: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )))
+            }
+        };
+        psql("TRUNCATE bench_copy".into())?;
+        psql("CHECKPOINT".into())?;
+        let t = Instant::now();
+        psql(format!(
+            "\\copy bench_copy ({}) FROM '{}'{with}",
+            cols.join(", "),
+            from.display()
+        ))?;
+        Ok(data.num_rows() as f64 / t.elapsed().as_secs_f64())
+    };
     for _ in 0..runs.max(1) {
         sqlx::query(sqlx::AssertSqlSafe(truncate.clone()))
             .execute(pg.pool())
@@ -634,27 +674,15 @@ pub async fn sink(
         }
         sink_rates.push(data.num_rows() as f64 / t.elapsed().as_secs_f64());
 
-        sqlx::query("CHECKPOINT").execute(pg.pool()).await?;
-        let t = Instant::now();
-        let out = std::process::Command::new("psql")
-            .arg(&url)
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
-            .arg(format!(
-                "\\copy bench_copy ({}) FROM '{}'",
-                cols.join(", "),
-                file.display()
-            ))
-            .output()
-            .map_err(setup("run psql"))?;
-        if !out.status.success() {
-            return Err(BenchError::Setup(format!(
-                "psql \\copy: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
+        psql_rates.push(psql_copy(&file, "")?);
+        if let Some(f) = &binary_file {
+            psql_binary_rates.push(psql_copy(f, " WITH (FORMAT binary)")?);
         }
-        psql_rates.push(data.num_rows() as f64 / t.elapsed().as_secs_f64());
     }
     let _ = std::fs::remove_file(&file);
+    if let Some(f) = &binary_file {
+        let _ = std::fs::remove_file(f);
+    }
     pg.pool().close().await;
     drop(sink);
     drop_database(config, db).await;
@@ -663,6 +691,8 @@ pub async fn sink(
         batch,
         sink_rows_per_sec: median(&mut sink_rates),
         psql_rows_per_sec: median(&mut psql_rates),
+        psql_binary_rows_per_sec: (!psql_binary_rates.is_empty())
+            .then(|| median(&mut psql_binary_rates)),
         alerts,
     })
 }
@@ -675,6 +705,7 @@ pub fn sink_report(b: &SinkBench, config_path: &Path) -> String {
          | sink: one transaction per batch of {} rows: COPY transactions, COPY alerts, aggregate merges, offsets (median) | {:.0} rows/s |\n\
          | baseline: `psql \\copy` of the same rows into a table like `transactions`, one COPY (median) | {:.0} rows/s |\n\
          | ratio sink / psql COPY | {:.2} |\n\
+         {}\
          \nconfig: {}\n",
         b.rows,
         b.alerts,
@@ -682,6 +713,11 @@ pub fn sink_report(b: &SinkBench, config_path: &Path) -> String {
         b.sink_rows_per_sec,
         b.psql_rows_per_sec,
         b.sink_rows_per_sec / b.psql_rows_per_sec,
+        b.psql_binary_rows_per_sec.map_or(String::new(), |r| format!(
+            "| baseline 2: `psql \\copy ... WITH (FORMAT binary)` of the sink's binary stream of the same rows (median) | {r:.0} rows/s |\n\
+             | ratio sink / psql binary COPY | {:.2} |\n",
+            b.sink_rows_per_sec / r
+        )),
         config_path.display()
     )
 }

@@ -369,6 +369,12 @@ pub struct ApiConfig {
     /// How long a scoring request waits for the engine before a 503.
     #[serde(default = "default_score_timeout_ms")]
     pub score_timeout_ms: u64,
+    /// While scoring requests come in (one served in the last second), stream micro-batches are
+    /// decided in slices of at most this many rows, and waiting requests are served between two
+    /// slices: a request then waits for one slice of the stream, not a whole batch. 0: whole
+    /// batches. Results do not depend on it.
+    #[serde(default = "default_stream_slice_rows")]
+    pub stream_slice_rows: usize,
 }
 
 impl Default for ApiConfig {
@@ -382,6 +388,7 @@ impl Default for ApiConfig {
             max_batch: default_max_batch(),
             score_queue: default_score_queue(),
             score_timeout_ms: default_score_timeout_ms(),
+            stream_slice_rows: default_stream_slice_rows(),
         }
     }
 }
@@ -400,6 +407,9 @@ fn default_score_queue() -> usize {
 }
 fn default_score_timeout_ms() -> u64 {
     2000
+}
+fn default_stream_slice_rows() -> usize {
+    64
 }
 
 /// `[simulator]`

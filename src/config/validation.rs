@@ -404,6 +404,15 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
             format!("must be between 1 and 600000, got {}", a.score_timeout_ms),
         );
     }
+    if a.stream_slice_rows > 1_000_000 {
+        err(
+            "api.stream_slice_rows".into(),
+            format!(
+                "must be between 0 (whole batches) and 1000000, got {}",
+                a.stream_slice_rows
+            ),
+        );
+    }
     if a.api_keys.iter().any(|k| k.trim().len() < 16) {
         err(
             "api.api_keys".into(),

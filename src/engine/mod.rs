@@ -484,12 +484,30 @@ impl Engine {
         }
     }
 
-    /// Process one micro-batch.
+    /// Process one micro-batch: [`Engine::begin`], [`Engine::step`] over all its rows,
+    /// [`Engine::finish`].
     pub async fn process(
         &mut self,
         batch: Batch,
         metrics: &Metrics,
     ) -> Result<SinkBatch, EngineError> {
+        let mut f = self.begin(batch, metrics).await?;
+        while f.remaining() > 0 {
+            self.step(&mut f, usize::MAX).await?;
+        }
+        self.finish(f, metrics).await
+    }
+
+    /// Start a micro-batch: decode and map its messages, take its labels, advance the
+    /// watermark. Its transactions are then decided by [`Engine::step`], in slices if wanted:
+    /// between two slices the engine may serve other work (scoring requests), which sees the
+    /// window state as of the rows decided so far. Slicing does not change any result: a row
+    /// sees the rows that came before it, whatever the cut (the batch-boundary invariance).
+    pub async fn begin(
+        &mut self,
+        batch: Batch,
+        metrics: &Metrics,
+    ) -> Result<InFlight, EngineError> {
         let now = Instant::now();
         let wall_ms = chrono::Utc::now().timestamp_millis();
         let watermark_before = self.watermark.get();
@@ -540,12 +558,58 @@ impl Engine {
             metrics.labels_in.add(all.num_rows() as u64);
             Some(all)
         };
-        let mut transactions = Vec::new();
-        let mut partials = Vec::new();
         if canonical.num_rows() > 0 {
             let late = count_before(&canonical, watermark_before);
             metrics.late_events.add(late as u64);
-            let decided = self.decide(&canonical).await?;
+        }
+        Ok(InFlight {
+            seq: batch.seq,
+            messages,
+            canonical,
+            at: 0,
+            decided: Vec::new(),
+            dead_letters,
+            labels,
+            offsets: batch.offsets,
+            opened_at: batch.opened_at,
+            watermark,
+        })
+    }
+
+    /// Decide the next (at most) `max_rows` transactions of a batch begun with
+    /// [`Engine::begin`].
+    pub async fn step(&mut self, f: &mut InFlight, max_rows: usize) -> Result<(), EngineError> {
+        let n = f.remaining().min(max_rows.max(1));
+        if n == 0 {
+            return Ok(());
+        }
+        let decided = self.decide(&f.canonical.slice(f.at, n)).await?;
+        f.decided.push(decided);
+        f.at += n;
+        Ok(())
+    }
+
+    /// End a batch whose transactions are all decided: its partial aggregates, eviction of idle
+    /// entities, the state metrics; the result for the sink.
+    pub async fn finish(
+        &mut self,
+        f: InFlight,
+        metrics: &Metrics,
+    ) -> Result<SinkBatch, EngineError> {
+        debug_assert_eq!(f.remaining(), 0, "finish before every row was decided");
+        let mut transactions = Vec::new();
+        let mut partials = Vec::new();
+        if !f.decided.is_empty() {
+            let decided = if f.decided.len() == 1 {
+                f.decided.into_iter().next().expect("one")
+            } else {
+                concat_batches(&f.decided[0].schema(), &f.decided).map_err(|source| {
+                    EngineError::Arrow {
+                        file: PathBuf::from("<decided>"),
+                        source,
+                    }
+                })?
+            };
             for agg in self.aggregates.iter() {
                 partials.push((
                     agg.name.clone(),
@@ -554,24 +618,24 @@ impl Engine {
             }
             transactions.push(decided);
         }
-        self.features.evict(watermark);
+        self.features.evict(f.watermark);
         let st = self.features.stats();
         metrics.tracked_entities.set(st.entities as f64);
         metrics.tracked_rows.set(st.rows as f64);
         metrics
             .entities_evicted
             .set((st.evicted_idle + st.evicted_budget) as f64);
-        metrics.watermark_ms.set(watermark as f64);
+        metrics.watermark_ms.set(f.watermark as f64);
         Ok(SinkBatch {
-            seq: batch.seq,
-            messages,
+            seq: f.seq,
+            messages: f.messages,
             transactions,
             aggregates: partials,
             aggregate_stages: self.aggregates.clone(),
-            dead_letters,
-            labels,
-            offsets: batch.offsets,
-            opened_at: batch.opened_at,
+            dead_letters: f.dead_letters,
+            labels: f.labels,
+            offsets: f.offsets,
+            opened_at: f.opened_at,
         })
     }
 
@@ -874,6 +938,29 @@ fn event_times(rows: &RecordBatch) -> &TimestampMillisecondArray {
         .as_any()
         .downcast_ref::<TimestampMillisecondArray>()
         .expect("canonical event_time")
+}
+
+/// A micro-batch between [`Engine::begin`] and [`Engine::finish`].
+#[derive(Debug)]
+pub struct InFlight {
+    seq: u64,
+    messages: usize,
+    canonical: RecordBatch,
+    /// Rows of `canonical` decided so far.
+    at: usize,
+    decided: Vec<RecordBatch>,
+    dead_letters: Vec<DeadLetter>,
+    labels: Option<RecordBatch>,
+    offsets: Vec<crate::source::OffsetCommit>,
+    opened_at: Option<tokio::time::Instant>,
+    watermark: i64,
+}
+
+impl InFlight {
+    /// Transactions not decided yet.
+    pub fn remaining(&self) -> usize {
+        self.canonical.num_rows() - self.at
+    }
 }
 
 fn count_before(canonical: &RecordBatch, watermark: i64) -> usize {

@@ -105,9 +105,139 @@ pub fn session() -> SessionContext {
 #[derive(Clone)]
 pub struct CompiledQuery {
     file: PathBuf,
-    ctx: SessionContext,
+    /// The task context of every execution, made once (making one clones the session's state).
+    task: Arc<TaskContext>,
     plan: Arc<dyn ExecutionPlan>,
     slot: Arc<BatchSlot>,
+    /// The same plan as a tree of row-wise operators evaluated directly, when it is one.
+    direct: Option<Arc<Direct>>,
+}
+
+/// A physical plan made only of row-wise operators over the input (projections, filters, unions
+/// of those), evaluated by calling its physical expressions on the input
+/// batches: the very expressions DataFusion's operators would evaluate, without building streams,
+/// metrics and operator state for every execution. For a micro-batch of a few rows (an API
+/// request) that set-up is most of the cost; for larger batches it is a fixed cost per batch.
+/// Any other operator (aggregation, window, join, sort, limit...) leaves the plan to DataFusion.
+#[derive(Debug)]
+enum Direct {
+    /// The input table, with the columns the scan projects (`None`: all).
+    Input(Option<Vec<usize>>),
+    /// Expressions over the child's rows.
+    Projection {
+        exprs: Vec<Arc<dyn datafusion::physical_plan::PhysicalExpr>>,
+        schema: SchemaRef,
+        input: Box<Direct>,
+    },
+    /// The child's rows where the predicate is true, then the projected columns.
+    Filter {
+        predicate: Arc<dyn datafusion::physical_plan::PhysicalExpr>,
+        projection: Option<Vec<usize>>,
+        input: Box<Direct>,
+    },
+    /// The children's rows, one child after the other.
+    Union(Vec<Direct>),
+}
+
+impl Direct {
+    fn of(plan: &Arc<dyn ExecutionPlan>) -> Option<Self> {
+        use datafusion::physical_plan::coop::CooperativeExec;
+        use datafusion::physical_plan::filter::FilterExec;
+        use datafusion::physical_plan::projection::ProjectionExec;
+        use datafusion::physical_plan::streaming::StreamingTableExec;
+        use datafusion::physical_plan::union::UnionExec;
+        let any = plan.as_ref();
+        if let Some(p) = any.downcast_ref::<ProjectionExec>() {
+            return Some(Direct::Projection {
+                exprs: p.expr().iter().map(|e| e.expr.clone()).collect(),
+                schema: p.schema(),
+                input: Box::new(Self::of(p.input())?),
+            });
+        }
+        if let Some(f) = any.downcast_ref::<FilterExec>() {
+            return Some(Direct::Filter {
+                predicate: f.predicate().clone(),
+                projection: f.projection().as_ref().map(|p| p.to_vec()),
+                input: Box::new(Self::of(f.input())?),
+            });
+        }
+        if let Some(u) = any.downcast_ref::<UnionExec>() {
+            return u
+                .inputs()
+                .iter()
+                .map(Self::of)
+                .collect::<Option<_>>()
+                .map(Direct::Union);
+        }
+        if let Some(c) = any.downcast_ref::<CooperativeExec>() {
+            return Self::of(c.input());
+        }
+        if let Some(t) = any.downcast_ref::<StreamingTableExec>() {
+            // Only the scan of the query's own input (one partition, the slot), unlimited.
+            if t.partitions().len() != 1 || t.limit().is_some() {
+                return None;
+            }
+            return Some(Direct::Input(t.projection().as_ref().map(|p| p.to_vec())));
+        }
+        None
+    }
+
+    fn eval(&self, input: &[RecordBatch]) -> datafusion::error::Result<Vec<RecordBatch>> {
+        use datafusion::arrow::array::RecordBatchOptions;
+        use datafusion::arrow::compute::filter_record_batch;
+        use datafusion::common::cast::as_boolean_array;
+        Ok(match self {
+            Direct::Input(None) => input.to_vec(),
+            Direct::Input(Some(p)) => input
+                .iter()
+                .map(|b| b.project(p))
+                .collect::<Result<_, _>>()?,
+            Direct::Projection {
+                exprs,
+                schema,
+                input: child,
+            } => {
+                let mut out = Vec::new();
+                for b in child.eval(input)? {
+                    let n = b.num_rows();
+                    let columns = exprs
+                        .iter()
+                        .map(|e| e.evaluate(&b).and_then(|v| v.into_array(n)))
+                        .collect::<datafusion::error::Result<Vec<_>>>()?;
+                    out.push(RecordBatch::try_new_with_options(
+                        schema.clone(),
+                        columns,
+                        &RecordBatchOptions::new().with_row_count(Some(n)),
+                    )?);
+                }
+                out
+            }
+            Direct::Filter {
+                predicate,
+                projection,
+                input: child,
+            } => {
+                let mut out = Vec::new();
+                for b in child.eval(input)? {
+                    let mask = predicate.evaluate(&b)?.into_array(b.num_rows())?;
+                    let mask = as_boolean_array(&mask)?;
+                    let b = match projection {
+                        Some(p) => b.project(p)?,
+                        None => b,
+                    };
+                    out.push(filter_record_batch(&b, mask)?);
+                }
+                out
+            }
+            Direct::Union(children) => {
+                let mut out = Vec::new();
+                for c in children {
+                    out.extend(c.eval(input)?);
+                }
+                out
+            }
+        })
+    }
 }
 
 impl std::fmt::Debug for CompiledQuery {
@@ -169,11 +299,14 @@ impl CompiledQuery {
         }
         let df = ctx.sql(sql).await.map_err(plan_err)?;
         let plan = df.create_physical_plan().await.map_err(plan_err)?;
+        let direct = Direct::of(&plan).map(Arc::new);
+        tracing::debug!(file = %file.display(), direct = direct.is_some(), "query compiled");
         Ok(Self {
             file: file.to_path_buf(),
-            ctx,
+            task: ctx.task_ctx(),
             plan,
             slot,
+            direct,
         })
     }
 
@@ -193,12 +326,29 @@ impl CompiledQuery {
             file: self.file.clone(),
             source,
         };
+        if let Some(direct) = &self.direct {
+            return direct.eval(&input).map_err(exec_err);
+        }
+        self.execute_planned(input).await
+    }
+
+    /// Run the plan through DataFusion's operators, even when it could be evaluated directly.
+    async fn execute_planned(&self, input: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, SqlError> {
+        let exec_err = |source| SqlError::Execute {
+            file: self.file.clone(),
+            source,
+        };
         self.slot.put(input);
         let plan = datafusion::physical_plan::execution_plan::reset_plan_states(self.plan.clone())
             .map_err(exec_err)?;
-        let out = collect(plan, self.ctx.task_ctx()).await.map_err(exec_err);
+        let out = collect(plan, self.task.clone()).await.map_err(exec_err);
         self.slot.put(Vec::new());
         out
+    }
+
+    /// Whether the plan is evaluated directly (see [`Direct`]).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 }
 
@@ -364,6 +514,52 @@ mod tests {
         );
         let out3 = q.execute(vec![]).await.unwrap();
         assert_eq!(out3.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    }
+
+    #[tokio::test]
+    async fn row_wise_plans_are_evaluated_directly_with_the_same_results() {
+        let direct = [
+            "SELECT id, n * 2 AS n2, CASE WHEN n > 2 THEN 'big' ELSE 'small' END AS size FROM input",
+            "SELECT id FROM input WHERE n % 2 = 1 AND id <> 'c'",
+            "SELECT id, 'odd' AS why FROM input WHERE n % 2 = 1 \
+             UNION ALL SELECT id, 'big' AS why FROM input WHERE n > 2",
+            "SELECT upper(id) AS id, coalesce(n, 0) + 1 AS m FROM input",
+        ];
+        let planned = [
+            "SELECT id, n * 2 AS n2 FROM input ORDER BY n DESC",
+            "SELECT id, count(*) AS c FROM input GROUP BY id",
+            "SELECT id, sum(n) OVER (ORDER BY n) AS s FROM input",
+        ];
+        let input = vec![
+            batch(&["a", "b", "c"], &[1, 2, 3]),
+            batch(&[], &[]),
+            batch(&["d", "e"], &[5, 0]),
+        ];
+        for (sql, expect_direct) in direct
+            .iter()
+            .map(|s| (s, true))
+            .chain(planned.iter().map(|s| (s, false)))
+        {
+            let q = CompiledQuery::compile(Path::new("q.sql"), sql, "input", schema())
+                .await
+                .unwrap();
+            assert_eq!(q.is_direct(), expect_direct, "{sql}");
+            let a = q.execute(input.clone()).await.unwrap();
+            let b = q.execute_planned(input.clone()).await.unwrap();
+            let show = |x: &[RecordBatch]| {
+                let mut lines: Vec<String> =
+                    datafusion::arrow::util::pretty::pretty_format_batches(x)
+                        .unwrap()
+                        .to_string()
+                        .lines()
+                        .map(str::to_string)
+                        .collect();
+                lines.sort();
+                lines
+            };
+            assert_eq!(show(&a), show(&b), "{sql}");
+            assert!(a.iter().map(|b| b.num_rows()).sum::<usize>() > 0, "{sql}");
+        }
     }
 
     #[tokio::test]

@@ -58,10 +58,18 @@ pub struct PgSink {
     pool: PgPool,
     pipeline: String,
     copy_transactions: String,
+    /// The COPY of `transactions` in binary format, and the column types it writes; `None`
+    /// when a column has a type the binary encoder does not write (text COPY then).
+    copy_transactions_binary: Option<(String, Vec<copy::PgType>)>,
     copy_alerts: String,
-    /// Aggregate tables known to exist, by name, with the schema they were created for.
-    prepared: Arc<Mutex<HashMap<String, SchemaRef>>>,
+    /// Aggregate tables known to exist, by name, with the schema they were created for and their
+    /// column types for a binary COPY (when every column has one).
+    prepared: Arc<Mutex<HashMap<String, PreparedAggregate>>>,
 }
+
+/// An aggregate table known to exist: the schema it was created for, and its column types for a
+/// binary COPY (`None`: text COPY).
+type PreparedAggregate = (SchemaRef, Option<Vec<copy::PgType>>);
 
 const UNIQUE_VIOLATION: &str = "23505";
 
@@ -75,9 +83,20 @@ impl PgSink {
         migrations: &Path,
         pipeline: &str,
     ) -> Result<Self, SinkError> {
+        let port = cfg
+            .url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map(|o| o.get_port())
+            .unwrap_or(5432);
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |_conn, _meta| {
+                Box::pin(async move {
+                    set_nodelay_on_sockets_to(port);
+                    Ok(())
+                })
+            })
             .connect(&cfg.url)
             .await?;
         let migrator = sqlx::migrate::Migrator::new(migrations)
@@ -102,12 +121,21 @@ impl PgSink {
                 .await?;
         tracing::info!(policies = %applied, "storage policies");
         let tx_cols = transaction_columns().join(", ");
+        let copy_transactions_binary = column_types(&pool, "transactions", &transaction_columns())
+            .await?
+            .map(|types| {
+                (
+                    format!("COPY transactions ({tx_cols}) FROM STDIN WITH (FORMAT binary)"),
+                    types,
+                )
+            });
         let mut alert_cols: Vec<&str> = ALERT_COLUMNS.to_vec();
         alert_cols.push("features");
         Ok(Self {
             pool,
             pipeline: pipeline.to_string(),
             copy_transactions: format!("COPY transactions ({tx_cols}) FROM STDIN"),
+            copy_transactions_binary,
             copy_alerts: format!("COPY alerts ({}) FROM STDIN", alert_cols.join(", ")),
             prepared: Arc::default(),
         })
@@ -124,10 +152,15 @@ impl PgSink {
         let mut conn = self.pool.acquire().await?;
         for s in stages {
             ensure_aggregate_table(&mut conn, s).await?;
+            let schema = s.schema();
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            let types = column_types(&mut *conn, &format!("agg_{}", s.name), &names)
+                .await?
+                .filter(|t| fits(t, &schema));
             self.prepared
                 .lock()
                 .expect("prepared lock")
-                .insert(s.name.clone(), s.schema());
+                .insert(s.name.clone(), (schema, types));
         }
         Ok(())
     }
@@ -171,19 +204,36 @@ impl PgSink {
         self.write_offsets(&mut tx, batch).await?;
         let rows = batch.rows() as u64;
         if rows > 0 {
-            let mut copy = tx.copy_in_raw(&self.copy_transactions).await?;
+            // Binary when the table's column types allow it: the server then converts no text.
+            let binary = self
+                .copy_transactions_binary
+                .as_ref()
+                .filter(|(_, types)| projected.iter().all(|b| fits(types, &b.schema())));
+            let statement = binary.map_or(&self.copy_transactions, |(s, _)| s);
+            let mut copy = tx.copy_in_raw(statement).await?;
             // Encode and send in slices: the server parses and indexes one slice while the next
             // is encoded (the two cores work at once instead of in turn).
             let mut chunk = Vec::with_capacity(COPY_SLICE_ROWS * 320);
+            if binary.is_some() {
+                chunk.extend_from_slice(copy::BINARY_HEADER);
+            }
             for b in &projected {
                 let mut at = 0;
                 while at < b.num_rows() {
                     let n = COPY_SLICE_ROWS.min(b.num_rows() - at);
-                    chunk.clear();
-                    copy::encode(&b.slice(at, n), &mut chunk).map_err(encode)?;
+                    let slice = b.slice(at, n);
+                    match binary {
+                        Some((_, types)) => copy::encode_binary(&slice, types, &mut chunk),
+                        None => copy::encode(&slice, &mut chunk),
+                    }
+                    .map_err(encode)?;
                     copy.send(chunk.as_slice()).await?;
+                    chunk.clear();
                     at += n;
                 }
+            }
+            if binary.is_some() {
+                copy.send(copy::BINARY_TRAILER).await?;
             }
             match copy.finish().await {
                 Ok(_) => {}
@@ -288,38 +338,66 @@ impl PgSink {
         if partials.iter().all(|b| b.num_rows() == 0) {
             return Ok(());
         }
+        let schema = stage.schema();
+        let table = format!("agg_{}", stage.name);
+        let staging = format!("payguard_staging_{}", stage.name);
+        let cols: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
         let known = self
             .prepared
             .lock()
             .expect("prepared lock")
             .get(&stage.name)
-            .is_some_and(|s| s == &stage.schema());
-        if !known {
-            ensure_aggregate_table(&mut *tx, stage).await?;
-            self.prepared
-                .lock()
-                .expect("prepared lock")
-                .insert(stage.name.clone(), stage.schema());
-        }
-        let schema = stage.schema();
-        let table = format!("agg_{}", stage.name);
-        let staging = format!("payguard_staging_{}", stage.name);
-        let cols: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
+            .filter(|(s, _)| s == &schema)
+            .map(|(_, types)| types.clone());
+        let types = match known {
+            Some(types) => types,
+            None => {
+                ensure_aggregate_table(&mut *tx, stage).await?;
+                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                let types = column_types(&mut **tx, &table, &names)
+                    .await?
+                    .filter(|t| fits(t, &schema));
+                self.prepared
+                    .lock()
+                    .expect("prepared lock")
+                    .insert(stage.name.clone(), (schema.clone(), types.clone()));
+                types
+            }
+        };
         // Identifiers come from the aggregate file's column aliases and are quoted.
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )))
         .execute(&mut **tx)
         .await?;
+        let t0 = std::time::Instant::now();
         let mut data = Vec::new();
-        for b in partials {
-            copy::encode(b, &mut data).map_err(|e| SinkError::Internal(e.to_string()))?;
-        }
+        let encode_err = |e: copy::CopyError| SinkError::Internal(e.to_string());
+        let format = match &types {
+            Some(types) => {
+                data.extend_from_slice(copy::BINARY_HEADER);
+                for b in partials {
+                    copy::encode_binary(b, types, &mut data).map_err(encode_err)?;
+                }
+                data.extend_from_slice(copy::BINARY_TRAILER);
+                " WITH (FORMAT binary)"
+            }
+            None => {
+                for b in partials {
+                    copy::encode(b, &mut data).map_err(encode_err)?;
+                }
+                ""
+            }
+        };
         let mut copy = tx
-            .copy_in_raw(&format!("COPY {staging} ({}) FROM STDIN", cols.join(", ")))
+            .copy_in_raw(&format!(
+                "COPY {staging} ({}) FROM STDIN{format}",
+                cols.join(", ")
+            ))
             .await?;
         copy.send(data.as_slice()).await?;
         copy.finish().await?;
+        let t_staged = t0.elapsed();
         let keys: Vec<String> = stage
             .keys
             .iter()
@@ -340,7 +418,7 @@ impl PgSink {
             })
             .collect();
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO {table} AS a ({cols}) SELECT {cols} FROM {staging} \
+            "INSERT INTO {table} AS a ({cols}) SELECT {cols} FROM {staging} ORDER BY {keys} \
              ON CONFLICT ({keys}) DO UPDATE SET {sets}, updated_at = now()",
             cols = cols.join(", "),
             keys = keys.join(", "),
@@ -348,6 +426,13 @@ impl PgSink {
         )))
         .execute(&mut **tx)
         .await?;
+        tracing::debug!(
+            aggregate = %stage.name,
+            rows = partials.iter().map(|b| b.num_rows()).sum::<usize>(),
+            staged = ?t_staged,
+            merged = ?(t0.elapsed() - t_staged),
+            "aggregate merge phases"
+        );
         Ok(())
     }
 
@@ -418,6 +503,31 @@ pub fn transactions_copy_text(
     Ok((cols, out))
 }
 
+impl PgSink {
+    /// The decided rows as the sink's binary COPY stream of `transactions` (header to trailer),
+    /// when the sink writes that table in binary format (for benchmarks).
+    pub fn transactions_copy_binary(
+        &self,
+        batches: &[RecordBatch],
+    ) -> Result<Option<Vec<u8>>, SinkError> {
+        let Some((_, types)) = &self.copy_transactions_binary else {
+            return Ok(None);
+        };
+        let cols = transaction_columns();
+        let mut out = copy::BINARY_HEADER.to_vec();
+        for b in batches {
+            let b = project(b, &cols)?;
+            if !fits(types, &b.schema()) {
+                return Ok(None);
+            }
+            copy::encode_binary(&b, types, &mut out)
+                .map_err(|e| SinkError::Internal(e.to_string()))?;
+        }
+        out.extend_from_slice(copy::BINARY_TRAILER);
+        Ok(Some(out))
+    }
+}
+
 fn id_time(b: &RecordBatch) -> (&StringArray, &TimestampMillisecondArray) {
     (
         b.column(0)
@@ -429,6 +539,77 @@ fn id_time(b: &RecordBatch) -> (&StringArray, &TimestampMillisecondArray) {
             .downcast_ref::<TimestampMillisecondArray>()
             .expect("event_time"),
     )
+}
+
+/// Turn Nagle's algorithm off on this process's TCP connections to the database `port`.
+///
+/// sqlx 0.9 opens its TCP sockets without `TCP_NODELAY`. The small message that ends a COPY
+/// (`CopyDone`) is then held back until the server acknowledges the data before it, and the
+/// server delays that acknowledgement (40 ms on Linux): measured, every COPY of a commit paid
+/// about 40 ms, five per commit (transactions, alerts, three aggregate stagings). libpq (psql)
+/// sets `TCP_NODELAY`; this does the same for the pool's connections, called as each one opens.
+/// sqlx does not hand out its socket, so the sockets are found among the process's open file
+/// descriptors by their peer port. Setting the option on a socket that has it is harmless; a
+/// descriptor that is not a TCP socket, or closes meanwhile, is skipped.
+fn set_nodelay_on_sockets_to(port: u16) {
+    use std::os::fd::BorrowedFd;
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: the descriptor is only used for getpeername/setsockopt during this call; if
+        // another thread closes it meanwhile, those calls fail (EBADF) or touch the socket that
+        // reused the number, which is then checked by its peer port like any other.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let Ok(peer) = sock.peer_addr() else { continue };
+        if peer.as_socket().is_some_and(|a| a.port() == port) {
+            let _ = sock.set_tcp_nodelay(true);
+        }
+    }
+}
+
+/// The binary-COPY types of `table`'s columns `cols`, in that order; `None` when one is missing
+/// or has a type [`copy::PgType`] does not cover.
+async fn column_types<'e, E>(
+    executor: E,
+    table: &str,
+    cols: &[&str],
+) -> Result<Option<Vec<copy::PgType>>, SinkError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let found: HashMap<String, String> = sqlx::query(
+        "SELECT a.attname::text, t.typname::text FROM pg_attribute a \
+         JOIN pg_type t ON t.oid = a.atttypid \
+         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(table)
+    .fetch_all(executor)
+    .await?
+    .into_iter()
+    .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+    .collect();
+    Ok(cols
+        .iter()
+        .map(|c| found.get(*c).and_then(|t| copy::PgType::from_typname(t)))
+        .collect())
+}
+
+/// Whether every field of `schema` can be written as the type at its position.
+fn fits(types: &[copy::PgType], schema: &Schema) -> bool {
+    types.len() == schema.fields().len()
+        && types
+            .iter()
+            .zip(schema.fields())
+            .all(|(t, f)| t.accepts(f.data_type()))
 }
 
 fn quote(ident: &str) -> String {
