@@ -418,7 +418,7 @@ impl PgSink {
             })
             .collect();
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO {table} AS a ({cols}) SELECT {cols} FROM {staging} ORDER BY {keys} \
+            "INSERT INTO {table} AS a ({cols}) SELECT {cols} FROM {staging} \
              ON CONFLICT ({keys}) DO UPDATE SET {sets}, updated_at = now()",
             cols = cols.join(", "),
             keys = keys.join(", "),
