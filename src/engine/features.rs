@@ -474,4 +474,10 @@ impl FeatureStage {
     pub fn set_peek(&mut self, groups: Option<Vec<u32>>) {
         self.state.set_peek(groups);
     }
+
+    /// Whether the calls leave the window state unchanged (a scoring request that is not
+    /// recorded).
+    pub fn peeking(&self) -> bool {
+        self.state.peeking()
+    }
 }

@@ -180,7 +180,8 @@ pub const DECISION: &str = "decision";
 /// Rule hits column (JSON array).
 pub const RULE_HITS: &str = "rule_hits";
 /// Explanation column: for alerts scored by a model, the top contributing features (JSON array of
-/// `{feature, value, baseline, contribution}`); NULL otherwise.
+/// `{feature, value, baseline, contribution}`); NULL otherwise, and for the rows of a scoring
+/// request that is not recorded.
 pub const EXPLANATION: &str = "explanation";
 
 impl Engine {
@@ -763,9 +764,11 @@ impl Engine {
         let decided = self.rules.decide(&scored).await?;
         self.times.rules += started.elapsed();
         let started = Instant::now();
-        // Explanations for the alerts (review or decline) of a model-scored batch.
+        // Explanations for the alerts (review or decline) of a model-scored batch; not for a
+        // scoring request that is not recorded: they are stored with the alerts, and its rows
+        // are not (the API does not return them). They cost one more ONNX call.
         let explanation: ArrayRef = match (&mut self.model, &scores) {
-            (Some(m), Some(s)) if self.explain_top > 0 => {
+            (Some(m), Some(s)) if self.explain_top > 0 && !self.features.peeking() => {
                 let d = decided
                     .decision
                     .as_any()

@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, FieldRef, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::error::DataFusionError;
 use datafusion::execution::TaskContext;
+use datafusion::logical_expr::ColumnarValue;
+use datafusion::physical_plan::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, collect};
@@ -125,13 +127,13 @@ enum Direct {
     Input(Option<Vec<usize>>),
     /// Expressions over the child's rows.
     Projection {
-        exprs: Vec<Arc<dyn datafusion::physical_plan::PhysicalExpr>>,
+        exprs: Vec<Arc<dyn PhysicalExpr>>,
         schema: SchemaRef,
         input: Box<Direct>,
     },
     /// The child's rows where the predicate is true, then the projected columns.
     Filter {
-        predicate: Arc<dyn datafusion::physical_plan::PhysicalExpr>,
+        predicate: Arc<dyn PhysicalExpr>,
         projection: Option<Vec<usize>>,
         input: Box<Direct>,
     },
@@ -148,15 +150,20 @@ impl Direct {
         use datafusion::physical_plan::union::UnionExec;
         let any = plan.as_ref();
         if let Some(p) = any.downcast_ref::<ProjectionExec>() {
+            let input = p.input().schema();
             return Some(Direct::Projection {
-                exprs: p.expr().iter().map(|e| e.expr.clone()).collect(),
+                exprs: p
+                    .expr()
+                    .iter()
+                    .map(|e| resolve_fields(e.expr.clone(), &input))
+                    .collect::<Option<_>>()?,
                 schema: p.schema(),
                 input: Box::new(Self::of(p.input())?),
             });
         }
         if let Some(f) = any.downcast_ref::<FilterExec>() {
             return Some(Direct::Filter {
-                predicate: f.predicate().clone(),
+                predicate: resolve_fields(f.predicate().clone(), &f.input().schema())?,
                 projection: f.projection().as_ref().map(|p| p.to_vec()),
                 input: Box::new(Self::of(f.input())?),
             });
@@ -182,6 +189,31 @@ impl Direct {
         None
     }
 
+    /// How many expressions of the tree have their field resolved at planning ([`Resolved`]).
+    #[cfg(test)]
+    fn resolved(&self) -> usize {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        let count = |e: &Arc<dyn PhysicalExpr>| {
+            let mut n = 0;
+            e.apply(|x| {
+                n += usize::from(x.is::<Resolved>());
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .expect("counting never fails");
+            n
+        };
+        match self {
+            Direct::Input(_) => 0,
+            Direct::Projection { exprs, input, .. } => {
+                exprs.iter().map(count).sum::<usize>() + input.resolved()
+            }
+            Direct::Filter {
+                predicate, input, ..
+            } => count(predicate) + input.resolved(),
+            Direct::Union(children) => children.iter().map(Direct::resolved).sum(),
+        }
+    }
+
     fn eval(&self, input: &[RecordBatch]) -> datafusion::error::Result<Vec<RecordBatch>> {
         use datafusion::arrow::array::RecordBatchOptions;
         use datafusion::arrow::compute::filter_record_batch;
@@ -198,7 +230,9 @@ impl Direct {
                 input: child,
             } => {
                 let mut out = Vec::new();
-                for b in child.eval(input)? {
+                // Empty batches (a rule's filter that kept no row) are dropped: evaluating the
+                // expressions of nothing still costs their set-up.
+                for b in child.eval(input)?.into_iter().filter(|b| b.num_rows() > 0) {
                     let n = b.num_rows();
                     let columns = exprs
                         .iter()
@@ -218,9 +252,12 @@ impl Direct {
                 input: child,
             } => {
                 let mut out = Vec::new();
-                for b in child.eval(input)? {
+                for b in child.eval(input)?.into_iter().filter(|b| b.num_rows() > 0) {
                     let mask = predicate.evaluate(&b)?.into_array(b.num_rows())?;
                     let mask = as_boolean_array(&mask)?;
+                    if mask.true_count() == 0 {
+                        continue;
+                    }
                     let b = match projection {
                         Some(p) => b.project(p)?,
                         None => b,
@@ -237,6 +274,109 @@ impl Direct {
                 out
             }
         })
+    }
+}
+
+/// `expr` with the children of its function calls and CASE expressions wrapped in [`Resolved`];
+/// `None` when a field cannot be resolved (the plan is then left to DataFusion).
+///
+/// On every evaluation a scalar function asks each argument for its output field, and a CASE
+/// its branches for their type: for anything but a column or a literal that means type coercion
+/// and formatting the expression's name, again and again for nested calls. For a batch of a few
+/// rows (an API request) that was a good part of the cost of the features and rules.
+fn resolve_fields(
+    expr: Arc<dyn PhysicalExpr>,
+    schema: &SchemaRef,
+) -> Option<Arc<dyn PhysicalExpr>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::physical_expr::ScalarFunctionExpr;
+    use datafusion::physical_expr::expressions::{CaseExpr, Column, Literal};
+    expr.transform_up(|node| {
+        if !(node.is::<ScalarFunctionExpr>() || node.is::<CaseExpr>()) {
+            return Ok(Transformed::no(node));
+        }
+        let children = node
+            .children()
+            .into_iter()
+            .map(|c| {
+                if c.is::<Column>() || c.is::<Literal>() || c.is::<Resolved>() {
+                    return Ok(Arc::clone(c));
+                }
+                Ok(Arc::new(Resolved {
+                    field: c.return_field(schema)?,
+                    expr: Arc::clone(c),
+                }) as Arc<dyn PhysicalExpr>)
+            })
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        Ok(Transformed::yes(
+            Arc::clone(&node).with_new_children(children)?,
+        ))
+    })
+    .map(|t| t.data)
+    .ok()
+}
+
+/// An expression whose output field was resolved once, at planning, against the query's fixed
+/// input schema; it evaluates as the expression it wraps.
+#[derive(Debug, Eq)]
+struct Resolved {
+    expr: Arc<dyn PhysicalExpr>,
+    field: FieldRef,
+}
+
+// By hand, like DataFusion's own expressions (rust-lang/rust#78808).
+impl PartialEq for Resolved {
+    fn eq(&self, other: &Self) -> bool {
+        self.expr.eq(&other.expr) && self.field == other.field
+    }
+}
+
+impl std::hash::Hash for Resolved {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.expr.hash(state);
+        self.field.hash(state);
+    }
+}
+
+impl std::fmt::Display for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.expr.fmt(f)
+    }
+}
+
+impl PhysicalExpr for Resolved {
+    fn data_type(&self, _: &Schema) -> datafusion::error::Result<DataType> {
+        Ok(self.field.data_type().clone())
+    }
+
+    fn nullable(&self, _: &Schema) -> datafusion::error::Result<bool> {
+        Ok(self.field.is_nullable())
+    }
+
+    fn return_field(&self, _: &Schema) -> datafusion::error::Result<FieldRef> {
+        Ok(Arc::clone(&self.field))
+    }
+
+    fn evaluate(&self, batch: &RecordBatch) -> datafusion::error::Result<ColumnarValue> {
+        self.expr.evaluate(batch)
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn PhysicalExpr>> {
+        vec![&self.expr]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn PhysicalExpr>>,
+    ) -> datafusion::error::Result<Arc<dyn PhysicalExpr>> {
+        Ok(Arc::new(Resolved {
+            expr: Arc::clone(&children[0]),
+            field: Arc::clone(&self.field),
+        }))
+    }
+
+    fn fmt_sql(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.expr.fmt_sql(f)
     }
 }
 
@@ -524,6 +664,13 @@ mod tests {
             "SELECT id, 'odd' AS why FROM input WHERE n % 2 = 1 \
              UNION ALL SELECT id, 'big' AS why FROM input WHERE n > 2",
             "SELECT upper(id) AS id, coalesce(n, 0) + 1 AS m FROM input",
+            // Nested calls and CASE branches computed per row (their fields resolved once).
+            "SELECT id, round(sqrt(CAST(n AS DOUBLE) * 2.0 + power(CAST(n AS DOUBLE), 2)), 2) AS r, \
+             CASE WHEN n > 2 THEN n * 10 ELSE n + 1 END AS c, \
+             coalesce(CAST(n AS DOUBLE) / NULLIF(n - 2, 0), -1.0) AS q FROM input",
+            // A branch whose filter keeps no row of a batch, or of any batch.
+            "SELECT id, concat('n=', n * 2) AS why FROM input WHERE n > 100 \
+             UNION ALL SELECT id, concat('small ', upper(id), ' ', round(n / 3.0, 1)) FROM input WHERE n < 3",
         ];
         let planned = [
             "SELECT id, n * 2 AS n2 FROM input ORDER BY n DESC",
@@ -544,6 +691,13 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(q.is_direct(), expect_direct, "{sql}");
+            if sql.contains("sqrt(") {
+                let resolved = q.direct.as_ref().map_or(0, |d| d.resolved());
+                assert!(
+                    resolved >= 3,
+                    "{resolved} fields resolved at planning: {sql}"
+                );
+            }
             let a = q.execute(input.clone()).await.unwrap();
             let b = q.execute_planned(input.clone()).await.unwrap();
             let show = |x: &[RecordBatch]| {
