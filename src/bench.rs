@@ -654,6 +654,7 @@ pub async fn sink(
                 transactions: vec![decided.clone()],
                 aggregates: partials.clone(),
                 aggregate_stages: stages.clone(),
+                aggregates_pending: false,
                 dead_letters: Vec::new(),
                 labels: None,
                 offsets: vec![OffsetCommit {

@@ -113,6 +113,8 @@ pub async fn run(
     let stored = load_offsets_retrying(&sink, &config, &cancel).await?;
     // The window state first: the transactions it replays are indexed for the labels that
     // follow, which then need no database lookup.
+    // Partial aggregates are computed by the sink stage, off the engine thread.
+    engine.defer_aggregates(true);
     warm_state(&mut engine, &sink, &config, &cancel).await;
     if engine.reads_labels() {
         warm_labels(&mut engine, &sink, &config).await;
@@ -306,6 +308,25 @@ pub async fn run(
     let mut result = Ok(());
     'batches: while let Some(mut batch) = done_rx.recv().await {
         let arrived = Instant::now();
+        if batch.aggregates_pending {
+            // On a blocking thread: neither the engine thread (scoring requests wait for it)
+            // nor a worker of the runtime (the HTTP API's connections) is held up.
+            let handle = tokio::runtime::Handle::current();
+            let computed = tokio::task::spawn_blocking(move || {
+                let r = handle.block_on(batch.compute_aggregates());
+                (batch, r)
+            })
+            .await;
+            match computed {
+                Ok((b, Ok(()))) => batch = b,
+                Ok((_, Err(e))) => {
+                    input_cancel.cancel();
+                    result = Err(e.into());
+                    break 'batches;
+                }
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
         loop {
             let t = Instant::now();
             match sink.commit_dedup(&mut batch).await {
@@ -433,7 +454,13 @@ async fn decide_batch(
     )>,
     serving: &mut Duration,
 ) -> Result<Option<SinkBatch>, EngineError> {
+    let began = Instant::now();
+    let messages: usize = batch.messages.iter().map(Vec::len).sum();
     let mut f = engine.begin(batch, metrics).await?;
+    if began.elapsed() >= Duration::from_millis(2) {
+        // Decoding and mapping are not sliced: scoring requests wait behind them.
+        tracing::debug!(messages, took = ?began.elapsed(), "long batch begin");
+    }
     match online {
         Some((jobs, slice, last_job))
             if slice > 0 && last_job.is_some_and(|t| t.elapsed() < SLICING_AFTER_JOB) =>

@@ -129,12 +129,18 @@ pub struct Engine {
     times: StageTimes,
     /// When the state gauges were last counted (see [`STATE_GAUGES_EVERY`]).
     state_gauges_at: Option<Instant>,
+    /// Leave the partial aggregates of a batch to the sink stage ([`Engine::defer_aggregates`]).
+    defer_aggregates: bool,
 }
 
 /// The window-state gauges (entities, rows kept, evictions) are counted at most this often: a
 /// count walks every tracked entity, which at 50,000 entities took milliseconds out of every
 /// batch (and held up the scoring requests waiting behind it).
 const STATE_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A batch's finish (partial aggregates, eviction, gauges) taking this long is logged at debug
+/// level with its phases: it is not sliced, so scoring requests wait behind it.
+const LONG_FINISH: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Time spent in each step of [`Engine::decide`] since the engine was built (or
 /// [`Engine::take_stage_times`] last ran): the benchmark's breakdown of where a row's time goes.
@@ -276,10 +282,19 @@ impl Engine {
             },
             lookup: None,
             state_gauges_at: None,
+            defer_aggregates: false,
             model,
             explain_top: config.model.as_ref().map_or(0, |m| m.explain_top),
             times: StageTimes::default(),
         })
+    }
+
+    /// With `yes`, [`Engine::finish`] leaves the partial aggregates to be computed by the sink
+    /// stage ([`SinkBatch::aggregates_pending`]): they depend on the decided rows alone, and
+    /// computing them here (three DataFusion executions, milliseconds a batch) held up the
+    /// scoring requests waiting for the engine.
+    pub fn defer_aggregates(&mut self, yes: bool) {
+        self.defer_aggregates = yes;
     }
 
     /// Look labelled transactions that left the label index up in `sink` (the database).
@@ -606,6 +621,7 @@ impl Engine {
         metrics: &Metrics,
     ) -> Result<SinkBatch, EngineError> {
         debug_assert_eq!(f.remaining(), 0, "finish before every row was decided");
+        let started = Instant::now();
         let mut transactions = Vec::new();
         let mut partials = Vec::new();
         if !f.decided.is_empty() {
@@ -619,15 +635,19 @@ impl Engine {
                     }
                 })?
             };
-            for agg in self.aggregates.iter() {
-                partials.push((
-                    agg.name.clone(),
-                    agg.partial(std::slice::from_ref(&decided)).await?,
-                ));
+            if !self.defer_aggregates {
+                for agg in self.aggregates.iter() {
+                    partials.push((
+                        agg.name.clone(),
+                        agg.partial(std::slice::from_ref(&decided)).await?,
+                    ));
+                }
             }
             transactions.push(decided);
         }
+        let aggregated = started.elapsed();
         self.features.evict(f.watermark);
+        let evicted = started.elapsed();
         if self
             .state_gauges_at
             .is_none_or(|t| t.elapsed() >= STATE_GAUGES_EVERY)
@@ -641,12 +661,24 @@ impl Engine {
                 .set((st.evicted_idle + st.evicted_budget) as f64);
         }
         metrics.watermark_ms.set(f.watermark as f64);
+        let aggregates_pending = self.defer_aggregates && !transactions.is_empty();
+        // Work of a batch that is not sliced: scoring requests wait behind it.
+        if started.elapsed() >= LONG_FINISH {
+            tracing::debug!(
+                rows = f.canonical.num_rows(),
+                aggregates = ?aggregated,
+                evict = ?(evicted - aggregated),
+                gauges = ?(started.elapsed() - evicted),
+                "long batch finish"
+            );
+        }
         Ok(SinkBatch {
             seq: f.seq,
             messages: f.messages,
             transactions,
             aggregates: partials,
             aggregate_stages: self.aggregates.clone(),
+            aggregates_pending,
             dead_letters: f.dead_letters,
             labels: f.labels,
             offsets: f.offsets,
@@ -1099,7 +1131,16 @@ mod tests {
                 steps += 1;
             }
             assert_eq!(steps, 300usize.div_ceil(slice));
-            let got = sliced.finish(f, &metrics).await.unwrap();
+            // The pipeline's engine leaves the aggregates to the sink stage.
+            sliced.defer_aggregates(slice == 64);
+            let mut got = sliced.finish(f, &metrics).await.unwrap();
+            assert_eq!(got.aggregates_pending, slice == 64);
+            if got.aggregates_pending {
+                assert!(got.aggregates.is_empty());
+                got.compute_aggregates().await.unwrap();
+            }
+            assert_eq!(got.aggregates.len(), expected.aggregates.len());
+            assert!(!expected.aggregates.is_empty());
             assert_eq!(
                 got.transactions.len(),
                 1,

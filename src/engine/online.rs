@@ -147,6 +147,7 @@ impl Engine {
                 transactions: recorded,
                 aggregates: partials,
                 aggregate_stages: Arc::clone(&self.aggregates),
+                aggregates_pending: false,
                 dead_letters: Vec::new(),
                 labels: None,
                 offsets: Vec::new(),

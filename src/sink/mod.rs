@@ -100,6 +100,9 @@ pub struct SinkBatch {
     pub aggregates: Vec<(String, Vec<RecordBatch>)>,
     /// The aggregate stages that computed them (to recompute them without duplicates).
     pub aggregate_stages: std::sync::Arc<Vec<crate::engine::aggregates::AggregateStage>>,
+    /// The partial aggregates are still to be computed ([`SinkBatch::compute_aggregates`]): the
+    /// pipeline's engine leaves them to the sink stage, off the engine thread.
+    pub aggregates_pending: bool,
     /// Messages that could not be processed.
     pub dead_letters: Vec<DeadLetter>,
     /// Label feedback received in this batch (schema `engine::labels::label_schema`).
@@ -163,12 +166,21 @@ impl SinkBatch {
                 }
             })?;
         }
+        self.compute_aggregates().await?;
+        Ok(removed)
+    }
+
+    /// (Re)compute the partial aggregates of the batch's transactions.
+    pub async fn compute_aggregates(&mut self) -> Result<(), crate::engine::EngineError> {
         let mut partials = Vec::new();
-        for stage in self.aggregate_stages.iter() {
-            partials.push((stage.name.clone(), stage.partial(&self.transactions).await?));
+        if self.rows() > 0 {
+            for stage in self.aggregate_stages.iter() {
+                partials.push((stage.name.clone(), stage.partial(&self.transactions).await?));
+            }
         }
         self.aggregates = partials;
-        Ok(removed)
+        self.aggregates_pending = false;
+        Ok(())
     }
 }
 
