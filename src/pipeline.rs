@@ -297,6 +297,34 @@ pub async fn run(
         })
         .map_err(PipelineError::EngineThread)?;
 
+    // Aggregate stage: the partial aggregates of each batch, on a blocking thread. Neither the
+    // engine thread (scoring requests wait for it) nor a worker of the runtime (the HTTP API's
+    // connections) is held up, and a batch's are computed while the sink commits the one before.
+    let (ready_tx, mut ready_rx) = mpsc::channel::<SinkBatch>(depth);
+    let aggregate_cancel = input_cancel.clone();
+    let aggregating = tokio::spawn(async move {
+        while let Some(mut batch) = done_rx.recv().await {
+            if batch.aggregates_pending {
+                let handle = tokio::runtime::Handle::current();
+                let (b, r) = tokio::task::spawn_blocking(move || {
+                    let r = handle.block_on(batch.compute_aggregates());
+                    (batch, r)
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                if let Err(e) = r {
+                    aggregate_cancel.cancel();
+                    return Err(e);
+                }
+                batch = b;
+            }
+            if ready_tx.send(batch).await.is_err() {
+                break;
+            }
+        }
+        Ok::<(), EngineError>(())
+    });
+
     // Sink stage, in this task.
     let mut summary = RunSummary::default();
     let mut backoff = Backoff::new(
@@ -306,27 +334,8 @@ pub async fn run(
     let shutdown_timeout = Duration::from_millis(config.pipeline.shutdown_timeout_ms);
     let mut cancelled_at: Option<Instant> = None;
     let mut result = Ok(());
-    'batches: while let Some(mut batch) = done_rx.recv().await {
+    'batches: while let Some(mut batch) = ready_rx.recv().await {
         let arrived = Instant::now();
-        if batch.aggregates_pending {
-            // On a blocking thread: neither the engine thread (scoring requests wait for it)
-            // nor a worker of the runtime (the HTTP API's connections) is held up.
-            let handle = tokio::runtime::Handle::current();
-            let computed = tokio::task::spawn_blocking(move || {
-                let r = handle.block_on(batch.compute_aggregates());
-                (batch, r)
-            })
-            .await;
-            match computed {
-                Ok((b, Ok(()))) => batch = b,
-                Ok((_, Err(e))) => {
-                    input_cancel.cancel();
-                    result = Err(e.into());
-                    break 'batches;
-                }
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            }
-        }
         loop {
             let t = Instant::now();
             match sink.commit_dedup(&mut batch).await {
@@ -371,7 +380,7 @@ pub async fn run(
                         if since.elapsed() >= shutdown_timeout {
                             input_cancel.cancel();
                             let mut left = 1;
-                            while done_rx.try_recv().is_ok() {
+                            while ready_rx.try_recv().is_ok() {
                                 left += 1;
                             }
                             result = Err(PipelineError::ShutdownIncomplete {
@@ -393,12 +402,18 @@ pub async fn run(
             }
         }
     }
-    drop(done_rx);
+    drop(ready_rx);
     input_cancel.cancel();
     while tasks.join_next().await.is_some() {}
+    let aggregate_result = match aggregating.await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Ok(()),
+    };
     let engine_result = engine_done_rx.await.unwrap_or(Ok(()));
     result?;
     engine_result?;
+    aggregate_result?;
     Ok(summary)
 }
 
