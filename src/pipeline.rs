@@ -469,37 +469,51 @@ async fn decide_batch(
     )>,
     serving: &mut Duration,
 ) -> Result<Option<SinkBatch>, EngineError> {
-    let began = Instant::now();
-    let messages: usize = batch.messages.iter().map(Vec::len).sum();
-    let mut f = engine.begin(batch, metrics).await?;
-    if began.elapsed() >= Duration::from_millis(2) {
-        // Decoding and mapping are not sliced: scoring requests wait behind them.
-        tracing::debug!(messages, took = ?began.elapsed(), "long batch begin");
-    }
-    match online {
-        Some((jobs, slice, last_job))
-            if slice > 0 && last_job.is_some_and(|t| t.elapsed() < SLICING_AFTER_JOB) =>
-        {
-            while f.remaining() > 0 {
-                engine.step(&mut f, slice).await?;
-                if f.remaining() == 0 {
-                    break;
-                }
-                if let Ok(job) = jobs.try_recv() {
-                    let s = Instant::now();
-                    *last_job = Some(s);
-                    let alive = crate::online::serve(engine, job, jobs, done_tx, metrics).await;
-                    *serving += s.elapsed();
-                    if !alive {
-                        return Ok(None);
-                    }
-                }
-            }
+    // Slice when a scoring request was served lately: then requests wait at most one slice
+    // (of messages to decode, then of rows to decide) behind the stream.
+    let slicing = match &online {
+        Some((_, slice, last_job)) => {
+            *slice > 0 && last_job.is_some_and(|t| t.elapsed() < SLICING_AFTER_JOB)
         }
-        _ => {
-            while f.remaining() > 0 {
-                engine.step(&mut f, usize::MAX).await?;
-            }
+        None => false,
+    };
+    let Some((jobs, slice, last_job)) = online.filter(|_| slicing) else {
+        let mut f = engine.begin(batch, metrics).await?;
+        while f.remaining() > 0 {
+            engine.step(&mut f, usize::MAX).await?;
+        }
+        return engine.finish(f, metrics).await.map(Some);
+    };
+    // Serve one waiting job between two slices; false when the sink stage is gone.
+    async fn between(
+        engine: &mut Engine,
+        jobs: &mut mpsc::Receiver<crate::online::ScoreJob>,
+        last_job: &mut Option<Instant>,
+        done_tx: &mpsc::Sender<SinkBatch>,
+        metrics: &Metrics,
+        serving: &mut Duration,
+    ) -> bool {
+        let Ok(job) = jobs.try_recv() else {
+            return true;
+        };
+        let s = Instant::now();
+        *last_job = Some(s);
+        let alive = crate::online::serve(engine, job, jobs, done_tx, metrics).await;
+        *serving += s.elapsed();
+        alive
+    }
+    let mut o = engine.open(batch);
+    while o.pending() > 0 {
+        engine.decode(&mut o, slice).await?;
+        if o.pending() > 0 && !between(engine, jobs, last_job, done_tx, metrics, serving).await {
+            return Ok(None);
+        }
+    }
+    let mut f = engine.opened(o, metrics).await?;
+    while f.remaining() > 0 {
+        engine.step(&mut f, slice).await?;
+        if f.remaining() > 0 && !between(engine, jobs, last_job, done_tx, metrics, serving).await {
+            return Ok(None);
         }
     }
     engine.finish(f, metrics).await.map(Some)

@@ -20,7 +20,7 @@ pub mod windows;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, Float64Array, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
@@ -527,51 +527,95 @@ impl Engine {
     /// between two slices the engine may serve other work (scoring requests), which sees the
     /// window state as of the rows decided so far. Slicing does not change any result: a row
     /// sees the rows that came before it, whatever the cut (the batch-boundary invariance).
+    /// [`Engine::open`], [`Engine::decode`] and [`Engine::opened`] do the same in chunks.
     pub async fn begin(
         &mut self,
         batch: Batch,
         metrics: &Metrics,
     ) -> Result<InFlight, EngineError> {
-        let now = Instant::now();
-        let wall_ms = chrono::Utc::now().timestamp_millis();
-        let watermark_before = self.watermark.get();
-        let mut canonical: Vec<RecordBatch> = Vec::new();
-        let mut dead_letters: Vec<DeadLetter> = Vec::new();
-        let mut messages = 0;
-        let mut label_batches = Vec::new();
-        let decode_started = Instant::now();
-        for (source_idx, msgs) in batch.messages.into_iter().enumerate() {
-            if msgs.is_empty() {
-                continue;
-            }
-            messages += msgs.len();
-            if let Some((_, decoder)) = self.label_input.as_ref().filter(|l| l.0 == source_idx) {
-                let (labels, dead) = self.decode_labels(decoder, &msgs)?;
-                dead_letters.extend(dead);
-                if labels.num_rows() > 0 {
-                    label_batches.push(labels);
-                }
-                continue;
-            }
-            let (rows, dead) = self.canonicalize(source_idx, &msgs, wall_ms, now).await?;
-            canonical.extend(rows);
-            dead_letters.extend(dead);
+        let mut o = self.open(batch);
+        while o.pending() > 0 {
+            self.decode(&mut o, usize::MAX).await?;
         }
-        metrics
-            .decode_time
-            .observe(decode_started.elapsed().as_secs_f64());
-        let watermark = self.watermark.advance(now);
+        self.opened(o, metrics).await
+    }
+
+    /// Open a micro-batch for decoding in chunks ([`Engine::decode`]); nothing is decoded yet.
+    pub fn open(&self, batch: Batch) -> Opening {
+        Opening {
+            seq: batch.seq,
+            messages: batch.len(),
+            pending: batch.len(),
+            raw: batch.messages,
+            source: 0,
+            at: 0,
+            canonical: Vec::new(),
+            dead_letters: Vec::new(),
+            label_batches: Vec::new(),
+            offsets: batch.offsets,
+            opened_at: batch.opened_at,
+            now: Instant::now(),
+            wall_ms: chrono::Utc::now().timestamp_millis(),
+            watermark_before: self.watermark.get(),
+            decode_time: Duration::ZERO,
+        }
+    }
+
+    /// Decode and map the next (at most) `max_messages` messages of an opened batch. Between
+    /// two chunks the engine may serve other work: nothing is decided, and no state but the
+    /// watermark's observations changes, until [`Engine::opened`].
+    pub async fn decode(
+        &mut self,
+        o: &mut Opening,
+        max_messages: usize,
+    ) -> Result<(), EngineError> {
+        while o.source < o.raw.len() && o.at >= o.raw[o.source].len() {
+            o.source += 1;
+            o.at = 0;
+        }
+        let Some(all) = o.raw.get(o.source) else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let end = all.len().min(o.at.saturating_add(max_messages.max(1)));
+        let msgs = &all[o.at..end];
+        let source_idx = o.source;
+        if let Some((_, decoder)) = self.label_input.as_ref().filter(|l| l.0 == source_idx) {
+            let (labels, dead) = self.decode_labels(decoder, msgs)?;
+            o.dead_letters.extend(dead);
+            if labels.num_rows() > 0 {
+                o.label_batches.push(labels);
+            }
+        } else {
+            let (rows, dead) = self
+                .canonicalize(source_idx, msgs, o.wall_ms, o.now)
+                .await?;
+            o.canonical.extend(rows);
+            o.dead_letters.extend(dead);
+        }
+        o.pending -= end - o.at;
+        o.at = end;
+        o.decode_time += started.elapsed();
+        Ok(())
+    }
+
+    /// End the decoding of a batch (every message decoded): take its labels, advance the
+    /// watermark; its transactions are then decided by [`Engine::step`].
+    pub async fn opened(&mut self, o: Opening, metrics: &Metrics) -> Result<InFlight, EngineError> {
+        debug_assert_eq!(o.pending, 0, "opened before every message was decoded");
+        metrics.decode_time.observe(o.decode_time.as_secs_f64());
+        let watermark = self.watermark.advance(o.now);
         let schema = canonical::schema();
         let canonical =
-            concat_batches(&schema, &canonical).map_err(|source| EngineError::Arrow {
+            concat_batches(&schema, &o.canonical).map_err(|source| EngineError::Arrow {
                 file: PathBuf::from("<canonical>"),
                 source,
             })?;
-        let labels = if label_batches.is_empty() {
+        let labels = if o.label_batches.is_empty() {
             None
         } else {
             let all =
-                concat_batches(&labels::label_schema(), &label_batches).map_err(|source| {
+                concat_batches(&labels::label_schema(), &o.label_batches).map_err(|source| {
                     EngineError::Arrow {
                         file: PathBuf::from("<labels>"),
                         source,
@@ -583,19 +627,19 @@ impl Engine {
             Some(all)
         };
         if canonical.num_rows() > 0 {
-            let late = count_before(&canonical, watermark_before);
+            let late = count_before(&canonical, o.watermark_before);
             metrics.late_events.add(late as u64);
         }
         Ok(InFlight {
-            seq: batch.seq,
-            messages,
+            seq: o.seq,
+            messages: o.messages,
             canonical,
             at: 0,
             decided: Vec::new(),
-            dead_letters,
+            dead_letters: o.dead_letters,
             labels,
-            offsets: batch.offsets,
-            opened_at: batch.opened_at,
+            offsets: o.offsets,
+            opened_at: o.opened_at,
             watermark,
         })
     }
@@ -623,7 +667,6 @@ impl Engine {
         debug_assert_eq!(f.remaining(), 0, "finish before every row was decided");
         let started = Instant::now();
         let mut transactions = Vec::new();
-        let mut partials = Vec::new();
         if !f.decided.is_empty() {
             let decided = if f.decided.len() == 1 {
                 f.decided.into_iter().next().expect("one")
@@ -635,18 +678,27 @@ impl Engine {
                     }
                 })?
             };
-            if !self.defer_aggregates {
-                for agg in self.aggregates.iter() {
-                    partials.push((
-                        agg.name.clone(),
-                        agg.partial(std::slice::from_ref(&decided)).await?,
-                    ));
-                }
-            }
             transactions.push(decided);
         }
+        let rows = f.canonical.num_rows();
+        let watermark = f.watermark;
+        let mut out = SinkBatch {
+            seq: f.seq,
+            messages: f.messages,
+            aggregates_pending: !transactions.is_empty(),
+            transactions,
+            aggregates: Vec::new(),
+            aggregate_stages: self.aggregates.clone(),
+            dead_letters: f.dead_letters,
+            labels: f.labels,
+            offsets: f.offsets,
+            opened_at: f.opened_at,
+        };
+        if !self.defer_aggregates {
+            out.compute_aggregates().await?;
+        }
         let aggregated = started.elapsed();
-        self.features.evict(f.watermark);
+        self.features.evict(watermark);
         let evicted = started.elapsed();
         if self
             .state_gauges_at
@@ -660,30 +712,18 @@ impl Engine {
                 .entities_evicted
                 .set((st.evicted_idle + st.evicted_budget) as f64);
         }
-        metrics.watermark_ms.set(f.watermark as f64);
-        let aggregates_pending = self.defer_aggregates && !transactions.is_empty();
+        metrics.watermark_ms.set(watermark as f64);
         // Work of a batch that is not sliced: scoring requests wait behind it.
         if started.elapsed() >= LONG_FINISH {
             tracing::debug!(
-                rows = f.canonical.num_rows(),
+                rows,
                 aggregates = ?aggregated,
                 evict = ?(evicted - aggregated),
                 gauges = ?(started.elapsed() - evicted),
                 "long batch finish"
             );
         }
-        Ok(SinkBatch {
-            seq: f.seq,
-            messages: f.messages,
-            transactions,
-            aggregates: partials,
-            aggregate_stages: self.aggregates.clone(),
-            aggregates_pending,
-            dead_letters: f.dead_letters,
-            labels: f.labels,
-            offsets: f.offsets,
-            opened_at: f.opened_at,
-        })
+        Ok(out)
     }
 
     /// Decode and map one source's messages into canonical rows (and dead letters), updating the
@@ -989,6 +1029,38 @@ fn event_times(rows: &RecordBatch) -> &TimestampMillisecondArray {
         .expect("canonical event_time")
 }
 
+/// A micro-batch being decoded: between [`Engine::open`] and [`Engine::opened`].
+#[derive(Debug)]
+pub struct Opening {
+    seq: u64,
+    /// Messages of the batch.
+    messages: usize,
+    /// Messages not decoded yet.
+    pending: usize,
+    /// Messages per source index.
+    raw: Vec<Vec<crate::decode::RawMessage>>,
+    /// Next message: source index and position.
+    source: usize,
+    at: usize,
+    canonical: Vec<RecordBatch>,
+    dead_letters: Vec<DeadLetter>,
+    label_batches: Vec<RecordBatch>,
+    offsets: Vec<crate::source::OffsetCommit>,
+    opened_at: Option<tokio::time::Instant>,
+    /// Arrival time and wall clock of the batch (the same for every chunk).
+    now: Instant,
+    wall_ms: i64,
+    watermark_before: i64,
+    decode_time: Duration,
+}
+
+impl Opening {
+    /// Messages not decoded yet.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+}
+
 /// A micro-batch between [`Engine::begin`] and [`Engine::finish`].
 #[derive(Debug)]
 pub struct InFlight {
@@ -1083,8 +1155,9 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
         let config = crate::config::load(&dir.join("config.toml")).unwrap();
         let metrics = Metrics::default();
-        // 300 card transactions over 5 cards, 3 customers and 4 merchants, out of order.
-        let messages: Vec<RawMessage> = (0..300i64)
+        // 300 card transactions over 5 cards, 3 customers and 4 merchants, out of order, and
+        // 6 malformed messages among them.
+        let mut messages: Vec<RawMessage> = (0..300i64)
             .map(|i| {
                 let secs = (i * 37) % 300;
                 RawMessage {
@@ -1109,6 +1182,11 @@ mod tests {
                 }
             })
             .collect();
+        for (i, m) in messages.iter_mut().enumerate() {
+            if i % 50 == 13 {
+                m.value = Some(format!(r#"{{"auth_id":"bad{i}","amount":"#).into_bytes());
+            }
+        }
         let batch = || Batch {
             seq: 1,
             messages: vec![messages.clone()],
@@ -1124,13 +1202,21 @@ mod tests {
         let expected = whole.process(batch(), &metrics).await.unwrap();
         for slice in [1, 7, 64] {
             let mut sliced = Engine::new(&config).await.unwrap();
-            let mut f = sliced.begin(batch(), &metrics).await.unwrap();
+            // Decoded in chunks of `slice` messages too.
+            let mut o = sliced.open(batch());
+            let mut chunks = 0;
+            while o.pending() > 0 {
+                sliced.decode(&mut o, slice).await.unwrap();
+                chunks += 1;
+            }
+            assert_eq!(chunks, 300usize.div_ceil(slice));
+            let mut f = sliced.opened(o, &metrics).await.unwrap();
             let mut steps = 0;
             while f.remaining() > 0 {
                 sliced.step(&mut f, slice).await.unwrap();
                 steps += 1;
             }
-            assert_eq!(steps, 300usize.div_ceil(slice));
+            assert_eq!(steps, 294usize.div_ceil(slice));
             // The pipeline's engine leaves the aggregates to the sink stage.
             sliced.defer_aggregates(slice == 64);
             let mut got = sliced.finish(f, &metrics).await.unwrap();
@@ -1141,6 +1227,15 @@ mod tests {
             }
             assert_eq!(got.aggregates.len(), expected.aggregates.len());
             assert!(!expected.aggregates.is_empty());
+            let dead = |b: &SinkBatch| -> Vec<(i64, String)> {
+                b.dead_letters
+                    .iter()
+                    .map(|d| (d.offset, d.reason.clone()))
+                    .collect()
+            };
+            assert_eq!(expected.dead_letters.len(), 6);
+            assert_eq!(dead(&got), dead(&expected), "dead letters, slice {slice}");
+            assert_eq!(got.messages, 300);
             assert_eq!(
                 got.transactions.len(),
                 1,

@@ -137,22 +137,23 @@ impl Engine {
             sink: None,
         };
         if !recorded.is_empty() {
-            let mut partials = Vec::new();
-            for agg in self.aggregates.iter() {
-                partials.push((agg.name.clone(), agg.partial(&recorded).await?));
-            }
-            out.sink = Some(SinkBatch {
+            let mut sink = SinkBatch {
                 seq: 0,
                 messages: recorded.iter().map(RecordBatch::num_rows).sum(),
                 transactions: recorded,
-                aggregates: partials,
+                aggregates: Vec::new(),
                 aggregate_stages: Arc::clone(&self.aggregates),
-                aggregates_pending: false,
+                aggregates_pending: true,
                 dead_letters: Vec::new(),
                 labels: None,
                 offsets: Vec::new(),
                 opened_at: Some(tokio::time::Instant::from_std(now)),
-            });
+            };
+            // Deferred like a stream batch's ([`Engine::defer_aggregates`]).
+            if !self.defer_aggregates {
+                sink.compute_aggregates().await?;
+            }
+            out.sink = Some(sink);
         }
         Ok(out)
     }

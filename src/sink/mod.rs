@@ -38,6 +38,17 @@ pub enum SinkError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    /// A concurrent writer inserted a group of an aggregate table that this batch also inserts
+    /// (its transaction committed after this merge looked). Retrying the batch merges into it.
+    #[error(
+        "aggregate table {table}: a group was inserted concurrently ({detail}); retrying the batch"
+    )]
+    ConcurrentGroup {
+        /// Aggregate table.
+        table: String,
+        /// The database's message.
+        detail: String,
+    },
     /// The stored offset of a partition is not where this process left it: another process
     /// consumes the same partitions under the same pipeline name. Committing would duplicate rows.
     #[error(
@@ -81,6 +92,7 @@ impl SinkError {
                 }),
                 _ => false,
             },
+            Self::ConcurrentGroup { .. } => true,
             Self::Internal(_) | Self::Fenced { .. } | Self::Migrate { .. } => false,
         }
     }

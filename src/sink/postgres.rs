@@ -250,16 +250,9 @@ impl PgSink {
             copy.send(alert_data.as_slice()).await?;
             copy.finish().await?;
         }
-        for (name, partials) in &batch.aggregates {
-            let Some(stage) = batch.aggregate_stages.iter().find(|s| &s.name == name) else {
-                continue;
-            };
-            self.merge_aggregate(&mut tx, stage, partials).await?;
-        }
         if let Some(labels) = &batch.labels {
             super::labels::write(&mut tx, labels).await?;
         }
-        let t_aggregates = t0.elapsed();
         if !batch.dead_letters.is_empty() {
             let d = &batch.dead_letters;
             sqlx::query(
@@ -275,12 +268,36 @@ impl PgSink {
             .execute(&mut *tx)
             .await?;
         }
+        let t_other = t0.elapsed();
+        // Last before the commit: the merges set the join plan for the rest of the transaction.
+        let mut planned = false;
+        for (name, partials) in &batch.aggregates {
+            let Some(stage) = batch.aggregate_stages.iter().find(|s| &s.name == name) else {
+                continue;
+            };
+            if partials.iter().all(|b| b.num_rows() == 0) {
+                continue;
+            }
+            if !planned {
+                // A merge joins a batch's few thousand groups with an ever-growing table: probing
+                // the unique key index per group is what stays fast. Without statistics on the
+                // staging table the planner would hash the whole table once it has some (measured:
+                // 80 -> 230 ms a merge after 25 batches, growing with the table).
+                sqlx::raw_sql("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+                    .execute(&mut *tx)
+                    .await?;
+                planned = true;
+            }
+            self.merge_aggregate(&mut tx, stage, partials).await?;
+        }
+        let t_aggregates = t0.elapsed();
         tx.commit().await?;
         tracing::debug!(
             rows,
             encode = ?t_encode,
             copy = ?(t_copy - t_encode),
-            aggregates = ?(t_aggregates - t_copy),
+            alerts_labels_dead_letters = ?(t_other - t_copy),
+            aggregates = ?(t_aggregates - t_other),
             total = ?t0.elapsed(),
             "sink commit phases"
         );
@@ -403,29 +420,78 @@ impl PgSink {
             .iter()
             .map(|i| quote(schema.field(*i).name()))
             .collect();
-        let sets: Vec<String> = stage
-            .measures
+        let merged = |a: &str, b: &str| -> Vec<String> {
+            stage
+                .measures
+                .iter()
+                .map(|(i, m)| {
+                    let c = quote(schema.field(*i).name());
+                    match m {
+                        Merge::Add => format!(
+                            "{c} = CASE WHEN {a}.{c} IS NULL THEN {b}.{c} WHEN {b}.{c} IS NULL THEN {a}.{c} ELSE {a}.{c} + {b}.{c} END"
+                        ),
+                        // LEAST and GREATEST skip NULLs.
+                        Merge::Min => format!("{c} = LEAST({a}.{c}, {b}.{c})"),
+                        Merge::Max => format!("{c} = GREATEST({a}.{c}, {b}.{c})"),
+                    }
+                })
+                .collect()
+        };
+        let set_keys = keys
             .iter()
-            .map(|(i, m)| {
-                let c = quote(schema.field(*i).name());
-                match m {
-                    Merge::Add => format!(
-                        "{c} = CASE WHEN a.{c} IS NULL THEN EXCLUDED.{c} WHEN EXCLUDED.{c} IS NULL THEN a.{c} ELSE a.{c} + EXCLUDED.{c} END"
-                    ),
-                    Merge::Min => format!("{c} = LEAST(a.{c}, EXCLUDED.{c})"),
-                    Merge::Max => format!("{c} = GREATEST(a.{c}, EXCLUDED.{c})"),
-                }
-            })
-            .collect();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO {table} AS a ({cols}) SELECT {cols} FROM {staging} \
-             ON CONFLICT ({keys}) DO UPDATE SET {sets}, updated_at = now()",
+            .map(|k| format!("{k} IS NOT NULL"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        // Groups whose key has no NULL: MERGE, which inserts new groups plainly. The unique key
+        // (NULLS NOT DISTINCT) is checked by the insert itself; `INSERT ... ON CONFLICT` inserts
+        // speculatively and checks twice (measured by hand: 160 against 110 ms for 18,000 new
+        // groups). An equality join cannot match NULLs, so the other groups take the upsert.
+        let result = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "MERGE INTO {table} AS a USING (SELECT {cols} FROM {staging} WHERE {set_keys}) AS s \
+             ON {on} \
+             WHEN MATCHED THEN UPDATE SET {sets}, updated_at = now() \
+             WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({values})",
             cols = cols.join(", "),
-            keys = keys.join(", "),
-            sets = sets.join(", "),
+            on = keys
+                .iter()
+                .map(|k| format!("a.{k} = s.{k}"))
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            sets = merged("a", "s").join(", "),
+            values = cols
+                .iter()
+                .map(|c| format!("s.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         )))
         .execute(&mut **tx)
-        .await?;
+        .await;
+        match result {
+            Ok(_) => {}
+            // Another writer inserted one of the new groups after the join looked: the batch is
+            // retried and then finds the group.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                return Err(SinkError::ConcurrentGroup {
+                    table,
+                    detail: e.message().to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let null_keys = partials
+            .iter()
+            .any(|b| stage.keys.iter().any(|i| b.column(*i).null_count() > 0));
+        if null_keys {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {table} AS a ({cols}) SELECT {cols} FROM {staging} WHERE NOT ({set_keys}) \
+                 ON CONFLICT ({keys}) DO UPDATE SET {sets}, updated_at = now()",
+                cols = cols.join(", "),
+                keys = keys.join(", "),
+                sets = merged("a", "EXCLUDED").join(", "),
+            )))
+            .execute(&mut **tx)
+            .await?;
+        }
         tracing::debug!(
             aggregate = %stage.name,
             rows = partials.iter().map(|b| b.num_rows()).sum::<usize>(),
