@@ -307,7 +307,9 @@ pub async fn run(
             if batch.aggregates_pending {
                 let handle = tokio::runtime::Handle::current();
                 let (b, r) = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
                     let r = handle.block_on(batch.compute_aggregates());
+                    tracing::debug!(rows = batch.rows(), took = ?started.elapsed(), "partial aggregates");
                     (batch, r)
                 })
                 .await

@@ -123,7 +123,9 @@ impl AggregateStage {
     /// Compile one aggregate file against the `decided` schema.
     pub async fn compile(file: &Path, decided: SchemaRef) -> Result<Self, EngineError> {
         let (name, sql, kinds) = Self::analyze(file)?;
-        let query = CompiledQuery::compile(file, &sql, "decided", decided).await?;
+        let mut query = CompiledQuery::compile(file, &sql, "decided", decided).await?;
+        // A group's result does not depend on the order its rows come in.
+        query.stream_input_through_cross_joins()?;
         let schema = query.schema();
         let keys: Vec<usize> = kinds
             .iter()
@@ -309,6 +311,76 @@ mod tests {
             SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e.clone(),
             _ => panic!(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_hopping_window_streams_the_input_through_its_cross_join() {
+        use datafusion::arrow::array::{
+            ArrayRef, Decimal128Array, StringArray, TimestampMillisecondArray,
+        };
+        use datafusion::arrow::datatypes::{Field, Schema, TimeUnit};
+        use std::sync::Arc;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("country", DataType::Utf8, true),
+            Field::new("amount", DataType::Decimal128(18, 2), false),
+            Field::new("decision", DataType::Utf8, false),
+        ]));
+        let n = 5_000i64;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(
+                    (0..n).map(|i| 1_790_000_000_000 + i * 7_919 % 3_600_000),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(
+                (0..n)
+                    .map(|i| [Some("DE"), None, Some("BR")][i as usize % 3])
+                    .collect::<StringArray>(),
+            ),
+            Arc::new(
+                Decimal128Array::from_iter_values((0..n).map(|i| (i * 37 % 10_000) as i128))
+                    .with_precision_and_scale(18, 2)
+                    .unwrap(),
+            ),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| if i % 13 == 0 { "decline" } else { "approve" }),
+            )),
+        ];
+        let input = RecordBatch::try_new(schema.clone(), cols).unwrap();
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/aggregates/country_15m_hop_5m.sql");
+        let sql = std::fs::read_to_string(&file).unwrap();
+        let as_planned = CompiledQuery::compile(&file, &sql, "decided", schema.clone())
+            .await
+            .unwrap();
+        let mut swapped = as_planned.clone();
+        assert_eq!(swapped.stream_input_through_cross_joins().unwrap(), 1);
+        assert_eq!(swapped.schema(), as_planned.schema());
+        // The stage compiles with it.
+        let stage = AggregateStage::compile(&file, schema).await.unwrap();
+        let rows = |b: Vec<RecordBatch>| {
+            let mut v: Vec<String> = datafusion::arrow::util::pretty::pretty_format_batches(&b)
+                .unwrap()
+                .to_string()
+                .lines()
+                .map(str::to_string)
+                .collect();
+            v.sort();
+            v
+        };
+        let want = rows(as_planned.execute(vec![input.clone()]).await.unwrap());
+        assert!(want.len() > 20, "{want:?}");
+        assert_eq!(
+            rows(swapped.execute(vec![input.clone()]).await.unwrap()),
+            want
+        );
+        assert_eq!(rows(stage.partial(&[input]).await.unwrap()), want);
     }
 
     #[test]
