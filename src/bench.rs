@@ -564,14 +564,14 @@ pub async fn sink(
                     .downcast_ref::<datafusion::arrow::array::StringArray>()
             })
             .map_or(0, |d| d.iter().filter(|v| *v != Some("approve")).count());
-        let mut partials = Vec::new();
-        for stage in stages.iter() {
-            partials.push((
-                stage.name.clone(),
-                stage.partial(std::slice::from_ref(&decided)).await?,
-            ));
-        }
-        batches.push((at, n, decided, partials));
+        let mut aggregated = SinkBatch {
+            transactions: vec![decided.clone()],
+            aggregate_stages: stages.clone(),
+            aggregates_pending: true,
+            ..SinkBatch::default()
+        };
+        aggregated.compute_aggregates().await?;
+        batches.push((at, n, decided, aggregated.aggregates));
         at += n;
     }
     let db = "payguard_bench_sink";

@@ -473,13 +473,10 @@ async fn decide_batch(
 ) -> Result<Option<SinkBatch>, EngineError> {
     // Slice when a scoring request was served lately: then requests wait at most one slice
     // (of messages to decode, then of rows to decide) behind the stream.
-    let slicing = match &online {
-        Some((_, slice, last_job)) => {
-            *slice > 0 && last_job.is_some_and(|t| t.elapsed() < SLICING_AFTER_JOB)
-        }
-        None => false,
-    };
-    let Some((jobs, slice, last_job)) = online.filter(|_| slicing) else {
+    let sliced = online.filter(|(_, slice, last_job)| {
+        *slice > 0 && last_job.is_some_and(|t| t.elapsed() < SLICING_AFTER_JOB)
+    });
+    let Some((jobs, slice, last_job)) = sliced else {
         let mut f = engine.begin(batch, metrics).await?;
         while f.remaining() > 0 {
             engine.step(&mut f, usize::MAX).await?;
