@@ -33,6 +33,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 
+use super::state::InlineKey;
 use super::windows::{WindowCall, WindowFunc};
 use crate::config::{FieldConfig, SourceConfig};
 
@@ -112,11 +113,14 @@ struct Entry {
     fraud: bool,
 }
 
+/// A transaction id in the index (inline up to 38 bytes: a UUID's 36 fit).
+type TxKey = InlineKey<38>;
+
 /// A recent transaction's event time and partition keys (of the keys label calls use).
 #[derive(Debug)]
 struct Indexed {
     time: i64,
-    keys: Box<[Option<Box<str>>]>,
+    keys: Box<[Option<InlineKey<22>>]>,
 }
 
 /// Statistics of the label store.
@@ -140,8 +144,8 @@ pub struct LabelStore {
     /// Key indices label calls use, in order; `slot[j]` is the position of key `j` in it.
     used_keys: Vec<usize>,
     slot: Vec<Option<usize>>,
-    index: Map<Box<str>, Indexed>,
-    order: VecDeque<Box<str>>,
+    index: Map<TxKey, Indexed>,
+    order: VecDeque<TxKey>,
     index_max: usize,
     pending: Vec<Pending>,
     /// Per used key: entity → its labels, sorted by transaction time.
@@ -257,12 +261,15 @@ impl LabelStore {
     /// Ids of queued labels whose transaction is not indexed (and not in `batch_ids`): the
     /// caller looks them up in the database and indexes what it finds.
     pub fn unresolved(&self, batch_ids: Option<&StringArray>) -> Vec<String> {
+        if self.pending.is_empty() {
+            return Vec::new();
+        }
         let in_batch: std::collections::HashSet<&str> = batch_ids
             .map(|a| a.iter().flatten().collect())
             .unwrap_or_default();
         self.pending
             .iter()
-            .filter(|p| !self.index.contains_key(&p.id) && !in_batch.contains(&*p.id))
+            .filter(|p| !self.index.contains_key(p.id.as_bytes()) && !in_batch.contains(&*p.id))
             .filter(|p| !self.labelled.contains_key(&p.id))
             .map(|p| p.id.to_string())
             .collect()
@@ -292,10 +299,10 @@ impl LabelStore {
             if ids.is_null(r) || time.is_null(r) {
                 continue;
             }
-            let id: Box<str> = ids.value(r).into();
+            let id = TxKey::new(ids.value(r).as_bytes());
             let keys = used
                 .iter()
-                .map(|a| (!a.is_null(r)).then(|| a.value(r).into()))
+                .map(|a| (!a.is_null(r)).then(|| InlineKey::new(a.value(r).as_bytes())))
                 .collect();
             let fresh = self
                 .index
@@ -328,7 +335,7 @@ impl LabelStore {
                 self.stats.repeated += 1;
                 continue;
             }
-            let Some(tx) = self.index.get(&p.id) else {
+            let Some(tx) = self.index.get(p.id.as_bytes()) else {
                 self.stats.unresolved += 1;
                 continue;
             };
@@ -339,7 +346,7 @@ impl LabelStore {
             };
             for (s, key) in tx.keys.iter().enumerate() {
                 let Some(key) = key else { continue };
-                let list = self.entities[s].entry(key.clone()).or_default();
+                let list = self.entities[s].entry(key.text().into()).or_default();
                 let at = list.partition_point(|e| e.tx_time <= entry.tx_time);
                 list.insert(at, entry);
             }
