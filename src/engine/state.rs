@@ -537,6 +537,7 @@ type EntityKey = InlineKey<22>;
 
 impl<const N: usize> InlineKey<N> {
     pub(super) fn new(k: &[u8]) -> Self {
+        const { assert!(N <= u8::MAX as usize, "the inline length is a u8") };
         if k.len() <= N {
             let mut bytes = [0; N];
             bytes[..k.len()].copy_from_slice(k);
