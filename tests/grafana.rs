@@ -773,6 +773,9 @@ fn provisioning_is_consistent_and_every_promql_metric_is_exported() {
 
 /// Card messages whose event times end about now: `count` messages at 2 simulated transactions
 /// per second, starting `count / 2 + 60` seconds ago.
+/// The simulated rate follows the time of day (down to a fifteenth of its mean at night), so a
+/// stream of `count` transactions started `count / 2` seconds ago can end hours from now: tests
+/// that generate with this accept event times that far ahead (see [`accept_future`]).
 fn generate_recent(env: &TestEnv, count: u64, extra: &[&str]) -> String {
     let start = Utc::now() - chrono::Duration::seconds(count as i64 / 2 + 60);
     let start = start.to_rfc3339_opts(SecondsFormat::Secs, true);
@@ -787,6 +790,14 @@ fn generate_recent(env: &TestEnv, count: u64, extra: &[&str]) -> String {
     args.extend_from_slice(extra);
     env.generate(count, &args);
     start
+}
+
+/// Configure the engine to accept the event times [`generate_recent`] may give.
+fn accept_future(t: &mut toml::Table) {
+    t["engine"]
+        .as_table_mut()
+        .unwrap()
+        .insert("max_future".into(), "2 days".into());
 }
 
 const BAD_MESSAGES: [&[u8]; 3] = [
@@ -905,6 +916,7 @@ async fn every_dashboard_and_alert_sql_query_runs_on_a_pipeline_database() {
             .as_table_mut()
             .unwrap()
             .insert("enabled".into(), true.into());
+        accept_future(t);
     })
     .await;
     let count = 8_000;
@@ -1111,6 +1123,7 @@ async fn prometheus_scrapes_the_binary_and_the_operations_queries_return_data() 
         let p = t["pipeline"].as_table_mut().unwrap();
         p.insert("batch_max_rows".into(), 200.into());
         p.insert("batch_max_wait_ms".into(), 20.into());
+        accept_future(t);
     })
     .await;
     // The topic exists before the pipeline starts.
