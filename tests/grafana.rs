@@ -771,11 +771,10 @@ fn provisioning_is_consistent_and_every_promql_metric_is_exported() {
 // Against the real services.
 // ------------------------------------------------------------------------------------------------
 
-/// Card messages whose event times end about now: `count` messages at 2 simulated transactions
-/// per second, starting `count / 2 + 60` seconds ago.
-/// The simulated rate follows the time of day (down to a fifteenth of its mean at night), so a
-/// stream of `count` transactions started `count / 2` seconds ago can end hours from now: tests
-/// that generate with this accept event times that far ahead (see [`accept_future`]).
+/// Card messages with recent event times: `count` messages at a mean of 2 simulated transactions
+/// per second, starting `count / 2 + 60` seconds ago. The simulated rate follows the time of day
+/// (at night down to a fifteenth of its mean), so the stream may end hours from now: tests that
+/// generate with this accept event times that far ahead ([`accept_future`]).
 fn generate_recent(env: &TestEnv, count: u64, extra: &[&str]) -> String {
     let start = Utc::now() - chrono::Duration::seconds(count as i64 / 2 + 60);
     let start = start.to_rfc3339_opts(SecondsFormat::Secs, true);

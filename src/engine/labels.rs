@@ -33,7 +33,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 
-use super::state::InlineKey;
+use super::state::{EntityKey, InlineKey};
 use super::windows::{WindowCall, WindowFunc};
 use crate::config::{FieldConfig, SourceConfig};
 
@@ -120,7 +120,7 @@ type TxKey = InlineKey<38>;
 #[derive(Debug)]
 struct Indexed {
     time: i64,
-    keys: Box<[Option<InlineKey<22>>]>,
+    keys: Box<[Option<EntityKey>]>,
 }
 
 /// Statistics of the label store.
@@ -302,7 +302,7 @@ impl LabelStore {
             let id = TxKey::new(ids.value(r).as_bytes());
             let keys = used
                 .iter()
-                .map(|a| (!a.is_null(r)).then(|| InlineKey::new(a.value(r).as_bytes())))
+                .map(|a| (!a.is_null(r)).then(|| EntityKey::new(a.value(r).as_bytes())))
                 .collect();
             let fresh = self
                 .index

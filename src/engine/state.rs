@@ -532,8 +532,8 @@ pub(super) enum InlineKey<const N: usize> {
     Heap(Box<[u8]>),
 }
 
-/// An entity id of the window state.
-type EntityKey = InlineKey<22>;
+/// An entity id (of the window state, and of the label store's indexed transactions).
+pub(super) type EntityKey = InlineKey<22>;
 
 impl<const N: usize> InlineKey<N> {
     pub(super) fn new(k: &[u8]) -> Self {
@@ -641,23 +641,27 @@ impl KeyState {
 
     /// Keep the entities `keep` says to keep; returns how many went.
     fn retain(&mut self, keep: impl Fn(&Entity) -> bool) -> usize {
-        let kept: Vec<bool> = self.entities.iter().map(keep).collect();
-        let gone = kept.iter().filter(|k| !**k).count();
+        // Entities keep their order, so the new index of one is the number kept before it.
+        let mut kept = 0;
+        let moved: Vec<u32> = self
+            .entities
+            .iter()
+            .map(|e| {
+                if keep(e) {
+                    kept += 1;
+                    kept - 1
+                } else {
+                    NO_ENTITY
+                }
+            })
+            .collect();
+        let gone = self.entities.len() - kept as usize;
         if gone == 0 {
             return 0;
         }
-        // Entities keep their order, so the new index of one is the number kept before it.
-        let mut moved = vec![NO_ENTITY; kept.len()];
-        let mut next = 0;
-        for (i, k) in kept.iter().enumerate() {
-            if *k {
-                moved[i] = next;
-                next += 1;
-            }
-        }
-        let mut flags = kept.iter();
+        let mut to = moved.iter();
         self.entities
-            .retain(|_| *flags.next().expect("one flag per entity"));
+            .retain(|_| *to.next().expect("one index per entity") != NO_ENTITY);
         self.index.retain(|_, i| {
             *i = moved[*i as usize];
             *i != NO_ENTITY
@@ -1531,8 +1535,8 @@ mod tests {
             .collect();
         let mut st = WindowState::new(calls.clone(), kinds.clone(), &[0; 5], 1, 60_000, 1000);
         eval(&mut st, &early, None);
-        // Rows at 200s and later: every frame plus the lateness (160 s) reaches back past
-        // 40 s, so nothing idle since 4.5 s can be needed; bump the others first.
+        // The longest frame (lag, 100 s) plus the lateness (60 s) is 160 s: at a watermark of
+        // 190 s, entities whose newest row is older than 30 s go. Bring the others up to 150 s.
         let bump = [
             ("a", 150_000, Some(7)),
             ("c", 150_000, Some(8)),
