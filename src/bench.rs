@@ -46,8 +46,11 @@ pub enum BenchError {
 pub struct EngineBench {
     /// Rows per run.
     pub rows: usize,
-    /// Rows per second through features, rules and decision (median).
+    /// Rows per second through features, model, rules, decision and explanations (median).
     pub engine_rows_per_sec: f64,
+    /// Rows per second through features, rules and decision with no model (score NULL, so no
+    /// explanations either), the same rows (median); `None` when the config has no model.
+    pub no_model_rows_per_sec: Option<f64>,
     /// Rows per second of DataFusion's window functions over all rows at once (median).
     pub baseline_rows_per_sec: f64,
     /// Median and p99 time of one batch of `latency_batch` rows, milliseconds.
@@ -160,7 +163,12 @@ pub async fn engine(
         .replace("known_labels(*)", "count(*)");
 
     let mut engine_rates = Vec::new();
+    let mut no_model_rates = Vec::new();
     let mut base_rates = Vec::new();
+    let no_model = config.model.is_some().then(|| Config {
+        model: None,
+        ..config.clone()
+    });
     let mut entities = 0;
     let mut state_rows = 0;
     let mut bytes_per_entity = 0.0;
@@ -214,6 +222,19 @@ pub async fn engine(
         counted_per_entity = st.bytes as f64 / st.entities.max(1) as f64;
         drop(engine);
 
+        // The same without the model: what features and rules alone take.
+        if let Some(no_model) = &no_model {
+            let mut engine = Engine::new(no_model).await?;
+            let t = Instant::now();
+            let mut at = 0;
+            while at < data.num_rows() {
+                let n = batch.min(data.num_rows() - at);
+                std::hint::black_box(engine.decide(&data.slice(at, n)).await?);
+                at += n;
+            }
+            no_model_rates.push(data.num_rows() as f64 / t.elapsed().as_secs_f64());
+        }
+
         // Baseline: DataFusion evaluating the same features.sql, window functions included, over
         // all rows at once (one partition, as the engine runs).
         let ctx = crate::engine::sql::session();
@@ -257,6 +278,7 @@ pub async fn engine(
     Ok(EngineBench {
         rows: data.num_rows(),
         engine_rows_per_sec: median(&mut engine_rates),
+        no_model_rows_per_sec: (!no_model_rates.is_empty()).then(|| median(&mut no_model_rates)),
         baseline_rows_per_sec: median(&mut base_rates),
         batch_p50_ms: p(0.5),
         batch_p99_ms: p(0.99),
@@ -279,7 +301,8 @@ pub fn report(b: &EngineBench, config_path: &Path) -> String {
     format!(
         "| figure | value |\n|---|---|\n\
          | rows per run (simulated time they span) | {} ({:.1} hours) |\n\
-         | engine: features + rules + decision (median) | {:.0} rows/s |\n\
+         | engine: features + model + rules + decision + explanations (median) | {:.0} rows/s |\n\
+         | engine without the model: features + rules + decision (median) | {} |\n\
          | baseline: DataFusion window functions over all rows at once (median) | {:.0} rows/s |\n\
          | ratio engine / baseline | {:.2} |\n\
          | batch of {} rows, p50 / p99 | {:.1} ms / {:.1} ms |\n\
@@ -293,6 +316,8 @@ pub fn report(b: &EngineBench, config_path: &Path) -> String {
         b.rows,
         b.span_hours,
         b.engine_rows_per_sec,
+        b.no_model_rows_per_sec
+            .map_or("no model configured".into(), |r| format!("{r:.0} rows/s")),
         b.baseline_rows_per_sec,
         b.engine_rows_per_sec / b.baseline_rows_per_sec,
         b.latency_batch,

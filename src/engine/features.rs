@@ -285,13 +285,17 @@ impl FeatureStage {
             .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
             .ok_or_else(|| contract(file, "event_time is not a millisecond timestamp".into()))?
             .clone();
+        // Keys as text once here (the window state and the label store read them as `Utf8`).
         let keys: Vec<ArrayRef> = (0..self.plan.keys.len())
             .map(|j| {
-                pre.column_by_name(&format!("__k{j}"))
-                    .expect("planned key")
-                    .clone()
+                let k = pre.column_by_name(&format!("__k{j}")).expect("planned key");
+                state::utf8(k).map(|k| Arc::new(k) as ArrayRef)
             })
-            .collect();
+            .collect::<Result<_, _>>()
+            .map_err(|source| EngineError::Arrow {
+                file: file.clone(),
+                source,
+            })?;
         let args: Vec<Option<ArrayRef>> = (0..self.plan.calls.len())
             .map(|i| pre.column_by_name(&format!("__a{i}")).cloned())
             .collect();

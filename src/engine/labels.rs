@@ -22,6 +22,9 @@
 //! found). The first label of a transaction wins, as in the `labels` table.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 
 /// Hash maps keyed by ids and entity keys from the outside (randomly seeded foldhash).
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -29,11 +32,10 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use datafusion::arrow::array::{
     Array, ArrayRef, Int64Builder, RecordBatch, StringArray, TimestampMillisecondArray,
 };
-use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 
-use super::state::{EntityKey, InlineKey};
+use super::state::utf8;
 use super::windows::{WindowCall, WindowFunc};
 use crate::config::{FieldConfig, SourceConfig};
 
@@ -113,14 +115,128 @@ struct Entry {
     fraud: bool,
 }
 
-/// A transaction id in the index (inline up to 38 bytes: a UUID's 36 fit).
-type TxKey = InlineKey<38>;
+/// Recent transactions indexed for label attribution: the columns of the batches that brought
+/// them (ids, event times, the label calls' keys), kept as they are, and a hash table from an id
+/// to its row. Indexing a row allocates nothing and writes one 16-byte slot; the oldest rows go
+/// a whole batch at a time, and the slots they leave are swept once they are as many as the live
+/// ones.
+#[derive(Debug, Default)]
+struct TxIndex {
+    chunks: VecDeque<Chunk>,
+    /// Sequence number of the oldest live row (older rows of `chunks[0]` are gone).
+    first: u64,
+    /// Sequence number of the next row indexed.
+    next: u64,
+    table: HashTable<Slot>,
+    hasher: foldhash::fast::RandomState,
+}
 
-/// A recent transaction's event time and partition keys (of the keys label calls use).
+/// One indexed batch: row `i` has sequence number `start + i`.
 #[derive(Debug)]
-struct Indexed {
-    time: i64,
-    keys: Box<[Option<EntityKey>]>,
+struct Chunk {
+    start: u64,
+    ids: StringArray,
+    time: TimestampMillisecondArray,
+    /// The label calls' keys (`LabelStore::used_keys` order).
+    keys: Vec<StringArray>,
+}
+
+/// A table slot: the hash of a transaction id and the sequence number of its newest row.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    hash: u64,
+    seq: u64,
+}
+
+/// An indexed transaction as [`TxIndex::get`] finds it.
+struct Found<'a> {
+    chunk: &'a Chunk,
+    row: usize,
+}
+
+impl TxIndex {
+    fn len(&self) -> usize {
+        (self.next - self.first) as usize
+    }
+
+    /// The chunk and row of a live sequence number.
+    fn at(chunks: &VecDeque<Chunk>, first: u64, seq: u64) -> Option<Found<'_>> {
+        if seq < first {
+            return None;
+        }
+        let c = chunks.partition_point(|c| c.start <= seq).checked_sub(1)?;
+        let chunk = &chunks[c];
+        let row = (seq - chunk.start) as usize;
+        (row < chunk.ids.len()).then_some(Found { chunk, row })
+    }
+
+    fn is(chunks: &VecDeque<Chunk>, first: u64, slot: &Slot, hash: u64, id: &str) -> bool {
+        slot.hash == hash
+            && Self::at(chunks, first, slot.seq).is_some_and(|f| f.chunk.ids.value(f.row) == id)
+    }
+
+    /// The newest indexed row of transaction `id`.
+    fn get(&self, id: &str) -> Option<Found<'_>> {
+        let hash = self.hasher.hash_one(id.as_bytes());
+        let slot = self
+            .table
+            .find(hash, |s| Self::is(&self.chunks, self.first, s, hash, id))?;
+        Self::at(&self.chunks, self.first, slot.seq)
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Index the rows of a batch (rows with a NULL id or time are left out), then forget the
+    /// oldest rows beyond `max`.
+    fn push(&mut self, chunk: Chunk, max: usize) {
+        let Self {
+            chunks,
+            first,
+            table,
+            hasher,
+            ..
+        } = self;
+        let start = chunk.start;
+        for r in 0..chunk.ids.len() {
+            if chunk.ids.is_null(r) || chunk.time.is_null(r) {
+                continue;
+            }
+            let id = chunk.ids.value(r);
+            let hash = hasher.hash_one(id.as_bytes());
+            let seq = start + r as u64;
+            // An id seen again (a producer retry) points at its newest row; the earlier chunks
+            // are searched, this one's earlier rows are not yet in `chunks`.
+            let same = |s: &Slot| {
+                s.hash == hash
+                    && (Self::is(chunks, *first, s, hash, id)
+                        || (s.seq >= start && chunk.ids.value((s.seq - start) as usize) == id))
+            };
+            match table.entry(hash, same, |s| s.hash) {
+                hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().seq = seq,
+                hashbrown::hash_table::Entry::Vacant(v) => {
+                    v.insert(Slot { hash, seq });
+                }
+            }
+        }
+        self.next = start + chunk.ids.len() as u64;
+        self.chunks.push_back(chunk);
+        if self.len() > max {
+            self.first = self.next - max as u64;
+            while self
+                .chunks
+                .front()
+                .is_some_and(|c| c.start + c.ids.len() as u64 <= self.first)
+            {
+                self.chunks.pop_front();
+            }
+        }
+        if self.table.len() > 2 * self.len() + 1024 {
+            let first = self.first;
+            self.table.retain(|s| s.seq >= first);
+        }
+    }
 }
 
 /// Statistics of the label store.
@@ -144,8 +260,7 @@ pub struct LabelStore {
     /// Key indices label calls use, in order; `slot[j]` is the position of key `j` in it.
     used_keys: Vec<usize>,
     slot: Vec<Option<usize>>,
-    index: Map<TxKey, Indexed>,
-    order: VecDeque<TxKey>,
+    index: TxIndex,
     index_max: usize,
     pending: Vec<Pending>,
     /// Per used key: entity → its labels, sorted by transaction time.
@@ -187,8 +302,7 @@ impl LabelStore {
             entities: used_keys.iter().map(|_| Map::default()).collect(),
             used_keys,
             slot,
-            index: Map::default(),
-            order: VecDeque::new(),
+            index: TxIndex::default(),
             index_max: index_max.max(1),
             pending: Vec::new(),
             labelled: Map::default(),
@@ -269,7 +383,7 @@ impl LabelStore {
             .unwrap_or_default();
         self.pending
             .iter()
-            .filter(|p| !self.index.contains_key(p.id.as_bytes()) && !in_batch.contains(&*p.id))
+            .filter(|p| !self.index.contains(&p.id) && !in_batch.contains(&*p.id))
             .filter(|p| !self.labelled.contains_key(&p.id))
             .map(|p| p.id.to_string())
             .collect()
@@ -283,47 +397,21 @@ impl LabelStore {
         time: &TimestampMillisecondArray,
         keys: &[ArrayRef],
     ) -> Result<(), ArrowError> {
-        if !self.is_active() {
+        if !self.is_active() || ids.is_empty() {
             return Ok(());
         }
-        let used: Vec<ArrayRef> = self
+        let keys = self
             .used_keys
             .iter()
-            .map(|&k| cast(&keys[k], &DataType::Utf8))
+            .map(|&k| utf8(&keys[k]))
             .collect::<Result<_, _>>()?;
-        let used: Vec<&StringArray> = used
-            .iter()
-            .map(|a| a.as_any().downcast_ref().expect("cast to Utf8"))
-            .collect();
-        for r in 0..ids.len() {
-            if ids.is_null(r) || time.is_null(r) {
-                continue;
-            }
-            let id = TxKey::new(ids.value(r).as_bytes());
-            let keys = used
-                .iter()
-                .map(|a| (!a.is_null(r)).then(|| EntityKey::new(a.value(r).as_bytes())))
-                .collect();
-            let fresh = self
-                .index
-                .insert(
-                    id.clone(),
-                    Indexed {
-                        time: time.value(r),
-                        keys,
-                    },
-                )
-                .is_none();
-            if fresh {
-                self.order.push_back(id);
-            }
-        }
-        while self.index.len() > self.index_max {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            self.index.remove(&old);
-        }
+        let chunk = Chunk {
+            start: self.index.next,
+            ids: ids.clone(),
+            time: time.clone(),
+            keys,
+        };
+        self.index.push(chunk, self.index_max);
         Ok(())
     }
 
@@ -335,22 +423,25 @@ impl LabelStore {
                 self.stats.repeated += 1;
                 continue;
             }
-            let Some(tx) = self.index.get(p.id.as_bytes()) else {
+            let Some(Found { chunk, row }) = self.index.get(&p.id) else {
                 self.stats.unresolved += 1;
                 continue;
             };
+            let tx_time = chunk.time.value(row);
             let entry = Entry {
-                tx_time: tx.time,
+                tx_time,
                 reported_at: p.reported_at,
                 fraud: p.fraud,
             };
-            for (s, key) in tx.keys.iter().enumerate() {
-                let Some(key) = key else { continue };
-                let list = self.entities[s].entry(key.text().into()).or_default();
+            for (s, key) in chunk.keys.iter().enumerate() {
+                if key.is_null(row) {
+                    continue;
+                }
+                let list = self.entities[s].entry(key.value(row).into()).or_default();
                 let at = list.partition_point(|e| e.tx_time <= entry.tx_time);
                 list.insert(at, entry);
             }
-            self.labelled.insert(p.id, tx.time);
+            self.labelled.insert(p.id, tx_time);
             self.stats.applied += 1;
         }
     }
@@ -364,8 +455,7 @@ impl LabelStore {
     ) -> Result<Vec<ArrayRef>, ArrowError> {
         let mut out = Vec::with_capacity(self.calls.len());
         for &(_, k, func, range) in &self.calls {
-            let key = cast(&keys[k], &DataType::Utf8)?;
-            let key: &StringArray = key.as_any().downcast_ref().expect("cast to Utf8");
+            let key = utf8(&keys[k])?;
             let labels = &self.entities[self.slot[k].expect("used key")];
             let mut b = Int64Builder::with_capacity(time.len());
             for r in 0..time.len() {
@@ -450,6 +540,50 @@ mod tests {
 
     fn ts(v: &[i64]) -> TimestampMillisecondArray {
         TimestampMillisecondArray::from(v.to_vec()).with_timezone("UTC")
+    }
+
+    /// The index against a brute-force model: for any id, the newest of the last `max` rows
+    /// with it (ids repeat, batches of every size, the sweep of stale slots runs many times).
+    #[test]
+    fn the_index_finds_the_newest_live_row_of_each_id() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for max in [1, 5, 64, 1000] {
+            let mut index = TxIndex::default();
+            let mut all: Vec<(String, i64)> = Vec::new();
+            for batch in 0..300 {
+                let n = next(40) as usize;
+                let rows: Vec<(String, i64)> = (0..n)
+                    .map(|i| (format!("tx-{}", next(500)), (batch * 100 + i) as i64))
+                    .collect();
+                let ids = StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()));
+                let time = ts(&rows.iter().map(|r| r.1).collect::<Vec<_>>());
+                index.push(
+                    Chunk {
+                        start: index.next,
+                        ids,
+                        time,
+                        keys: Vec::new(),
+                    },
+                    max,
+                );
+                all.extend(rows);
+                let live = &all[all.len().saturating_sub(max)..];
+                assert_eq!(index.len(), live.len());
+                assert!(index.table.len() <= 2 * live.len() + 1024 + n);
+                for probe in 0..500 {
+                    let id = format!("tx-{probe}");
+                    let want = live.iter().rev().find(|r| r.0 == id).map(|r| r.1);
+                    let got = index.get(&id).map(|f| f.chunk.time.value(f.row));
+                    assert_eq!(got, want, "{id} after batch {batch}, max {max}");
+                }
+            }
+        }
     }
 
     #[test]
