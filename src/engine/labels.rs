@@ -115,13 +115,14 @@ struct Entry {
     fraud: bool,
 }
 
-/// Recent transactions indexed for label attribution: the columns of the batches that brought
-/// them (ids, event times, the label calls' keys), kept as they are, and a hash table from an id
-/// to its row. Indexing a row allocates nothing and writes one 16-byte slot; the oldest rows go
-/// a whole batch at a time, and the slots they leave are swept once they are as many as the live
-/// ones.
+/// Recent transactions indexed for label attribution, in chunks of [`CHUNK_ROWS`] rows (id,
+/// event time, the label calls' keys: copied, whatever size the batches that brought them), and
+/// a hash table from an id to its row. Indexing a row allocates nothing (amortised) and writes
+/// one 16-byte slot; the oldest rows go a chunk at a time, and the slots they leave are swept
+/// once they are as many as the live ones.
 #[derive(Debug, Default)]
 struct TxIndex {
+    /// Full chunks, then the one being filled.
     chunks: VecDeque<Chunk>,
     /// Sequence number of the oldest live row (older rows of `chunks[0]` are gone).
     first: u64,
@@ -131,14 +132,55 @@ struct TxIndex {
     hasher: foldhash::fast::RandomState,
 }
 
-/// One indexed batch: row `i` has sequence number `start + i`.
-#[derive(Debug)]
+/// Rows per chunk of the index.
+const CHUNK_ROWS: usize = 4096;
+
+/// Texts one after the other (NULL allowed), read back by row.
+#[derive(Debug, Default)]
+struct Texts {
+    bytes: Vec<u8>,
+    /// End of each row's text in `bytes`.
+    ends: Vec<u32>,
+    null: Vec<bool>,
+}
+
+impl Texts {
+    /// Room for `rows` texts as long on average as those of `like` (plus one byte).
+    fn like(rows: usize, like: &StringArray) -> Self {
+        let o = like.value_offsets();
+        let avg = (o[o.len() - 1] - o[0]) as usize / like.len().max(1) + 1;
+        Self {
+            bytes: Vec::with_capacity(rows * avg),
+            ends: Vec::with_capacity(rows),
+            null: Vec::with_capacity(rows),
+        }
+    }
+
+    fn push(&mut self, v: Option<&str>) {
+        self.bytes.extend_from_slice(v.unwrap_or("").as_bytes());
+        self.ends
+            .push(u32::try_from(self.bytes.len()).expect("a chunk holds under 4 GiB of text"));
+        self.null.push(v.is_none());
+    }
+
+    fn get(&self, row: usize) -> Option<&str> {
+        if self.null[row] {
+            return None;
+        }
+        let start = row.checked_sub(1).map_or(0, |p| self.ends[p] as usize);
+        let bytes = &self.bytes[start..self.ends[row] as usize];
+        Some(std::str::from_utf8(bytes).expect("stored from text"))
+    }
+}
+
+/// Rows `start`, `start + 1`, … of the index.
+#[derive(Debug, Default)]
 struct Chunk {
     start: u64,
-    ids: StringArray,
-    time: TimestampMillisecondArray,
+    ids: Texts,
+    time: Vec<i64>,
     /// The label calls' keys (`LabelStore::used_keys` order).
-    keys: Vec<StringArray>,
+    keys: Vec<Texts>,
 }
 
 /// A table slot: the hash of a transaction id and the sequence number of its newest row.
@@ -159,28 +201,25 @@ impl TxIndex {
         (self.next - self.first) as usize
     }
 
-    /// The chunk and row of a live sequence number.
+    /// The chunk and row of a live sequence number (every chunk but the last is full).
     fn at(chunks: &VecDeque<Chunk>, first: u64, seq: u64) -> Option<Found<'_>> {
         if seq < first {
             return None;
         }
-        let c = chunks.partition_point(|c| c.start <= seq).checked_sub(1)?;
-        let chunk = &chunks[c];
+        let c = (seq - chunks.front()?.start) as usize / CHUNK_ROWS;
+        let chunk = chunks.get(c)?;
         let row = (seq - chunk.start) as usize;
-        (row < chunk.ids.len()).then_some(Found { chunk, row })
-    }
-
-    fn is(chunks: &VecDeque<Chunk>, first: u64, slot: &Slot, hash: u64, id: &str) -> bool {
-        slot.hash == hash
-            && Self::at(chunks, first, slot.seq).is_some_and(|f| f.chunk.ids.value(f.row) == id)
+        (row < chunk.time.len()).then_some(Found { chunk, row })
     }
 
     /// The newest indexed row of transaction `id`.
     fn get(&self, id: &str) -> Option<Found<'_>> {
         let hash = self.hasher.hash_one(id.as_bytes());
-        let slot = self
-            .table
-            .find(hash, |s| Self::is(&self.chunks, self.first, s, hash, id))?;
+        let slot = self.table.find(hash, |s| {
+            s.hash == hash
+                && Self::at(&self.chunks, self.first, s.seq)
+                    .is_some_and(|f| f.chunk.ids.get(f.row) == Some(id))
+        })?;
         Self::at(&self.chunks, self.first, slot.seq)
     }
 
@@ -188,30 +227,33 @@ impl TxIndex {
         self.get(id).is_some()
     }
 
-    /// Index the rows of a batch (rows with a NULL id or time are left out), then forget the
-    /// oldest rows beyond `max`.
-    fn push(&mut self, chunk: Chunk, max: usize) {
-        let Self {
-            chunks,
-            first,
-            table,
-            hasher,
-            ..
-        } = self;
-        let start = chunk.start;
-        for r in 0..chunk.ids.len() {
-            if chunk.ids.is_null(r) || chunk.time.is_null(r) {
+    /// Index rows (ids, event times, keys; rows with a NULL id or time are left out), then
+    /// forget the oldest rows beyond `max`.
+    fn push(
+        &mut self,
+        ids: &StringArray,
+        time: &TimestampMillisecondArray,
+        keys: &[StringArray],
+        max: usize,
+    ) {
+        for r in 0..ids.len() {
+            if ids.is_null(r) || time.is_null(r) {
                 continue;
             }
-            let id = chunk.ids.value(r);
-            let hash = hasher.hash_one(id.as_bytes());
-            let seq = start + r as u64;
-            // An id seen again (a producer retry) points at its newest row; the earlier chunks
-            // are searched, this one's earlier rows are not yet in `chunks`.
+            let id = ids.value(r);
+            let hash = self.hasher.hash_one(id.as_bytes());
+            let seq = self.next;
+            let Self {
+                chunks,
+                first,
+                table,
+                ..
+            } = self;
+            // An id seen again (a producer retry) points at its newest row.
             let same = |s: &Slot| {
                 s.hash == hash
-                    && (Self::is(chunks, *first, s, hash, id)
-                        || (s.seq >= start && chunk.ids.value((s.seq - start) as usize) == id))
+                    && Self::at(chunks, *first, s.seq)
+                        .is_some_and(|f| f.chunk.ids.get(f.row) == Some(id))
             };
             match table.entry(hash, same, |s| s.hash) {
                 hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().seq = seq,
@@ -219,15 +261,33 @@ impl TxIndex {
                     v.insert(Slot { hash, seq });
                 }
             }
+            if self
+                .chunks
+                .back()
+                .is_none_or(|c| c.time.len() == CHUNK_ROWS)
+            {
+                // Sized at once: growing a chunk's vectors from nothing copies them many times.
+                self.chunks.push_back(Chunk {
+                    start: seq,
+                    ids: Texts::like(CHUNK_ROWS, ids),
+                    time: Vec::with_capacity(CHUNK_ROWS),
+                    keys: keys.iter().map(|k| Texts::like(CHUNK_ROWS, k)).collect(),
+                });
+            }
+            let chunk = self.chunks.back_mut().expect("a chunk to fill");
+            chunk.ids.push(Some(id));
+            chunk.time.push(time.value(r));
+            for (k, col) in chunk.keys.iter_mut().zip(keys) {
+                k.push((!col.is_null(r)).then(|| col.value(r)));
+            }
+            self.next += 1;
         }
-        self.next = start + chunk.ids.len() as u64;
-        self.chunks.push_back(chunk);
         if self.len() > max {
             self.first = self.next - max as u64;
             while self
                 .chunks
                 .front()
-                .is_some_and(|c| c.start + c.ids.len() as u64 <= self.first)
+                .is_some_and(|c| c.start + c.time.len() as u64 <= self.first)
             {
                 self.chunks.pop_front();
             }
@@ -400,18 +460,12 @@ impl LabelStore {
         if !self.is_active() || ids.is_empty() {
             return Ok(());
         }
-        let keys = self
+        let keys: Vec<StringArray> = self
             .used_keys
             .iter()
             .map(|&k| utf8(&keys[k]))
             .collect::<Result<_, _>>()?;
-        let chunk = Chunk {
-            start: self.index.next,
-            ids: ids.clone(),
-            time: time.clone(),
-            keys,
-        };
-        self.index.push(chunk, self.index_max);
+        self.index.push(ids, time, &keys, self.index_max);
         Ok(())
     }
 
@@ -427,17 +481,15 @@ impl LabelStore {
                 self.stats.unresolved += 1;
                 continue;
             };
-            let tx_time = chunk.time.value(row);
+            let tx_time = chunk.time[row];
             let entry = Entry {
                 tx_time,
                 reported_at: p.reported_at,
                 fraud: p.fraud,
             };
             for (s, key) in chunk.keys.iter().enumerate() {
-                if key.is_null(row) {
-                    continue;
-                }
-                let list = self.entities[s].entry(key.value(row).into()).or_default();
+                let Some(key) = key.get(row) else { continue };
+                let list = self.entities[s].entry(key.into()).or_default();
                 let at = list.partition_point(|e| e.tx_time <= entry.tx_time);
                 list.insert(at, entry);
             }
@@ -543,7 +595,8 @@ mod tests {
     }
 
     /// The index against a brute-force model: for any id, the newest of the last `max` rows
-    /// with it (ids repeat, batches of every size, the sweep of stale slots runs many times).
+    /// with it (ids repeat, batches of every size, rows over several chunks, the sweep of stale
+    /// slots runs many times).
     #[test]
     fn the_index_finds_the_newest_live_row_of_each_id() {
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
@@ -553,35 +606,39 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        for max in [1, 5, 64, 1000] {
+        const IDS: u64 = 3000;
+        for max in [1, 5, 64, 1000, 5000] {
             let mut index = TxIndex::default();
             let mut all: Vec<(String, i64)> = Vec::new();
-            for batch in 0..300 {
+            let mut sweeps = 0;
+            for batch in 0..600 {
                 let n = next(40) as usize;
                 let rows: Vec<(String, i64)> = (0..n)
-                    .map(|i| (format!("tx-{}", next(500)), (batch * 100 + i) as i64))
+                    .map(|i| (format!("tx-{}", next(IDS)), (batch * 100 + i) as i64))
                     .collect();
                 let ids = StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()));
                 let time = ts(&rows.iter().map(|r| r.1).collect::<Vec<_>>());
-                index.push(
-                    Chunk {
-                        start: index.next,
-                        ids,
-                        time,
-                        keys: Vec::new(),
-                    },
-                    max,
-                );
+                let slots = index.table.len();
+                index.push(&ids, &time, &[], max);
+                sweeps += usize::from(index.table.len() < slots);
                 all.extend(rows);
                 let live = &all[all.len().saturating_sub(max)..];
                 assert_eq!(index.len(), live.len());
                 assert!(index.table.len() <= 2 * live.len() + 1024 + n);
-                for probe in 0..500 {
-                    let id = format!("tx-{probe}");
-                    let want = live.iter().rev().find(|r| r.0 == id).map(|r| r.1);
-                    let got = index.get(&id).map(|f| f.chunk.time.value(f.row));
-                    assert_eq!(got, want, "{id} after batch {batch}, max {max}");
+                let kept: usize = index.chunks.iter().map(|c| c.time.len()).sum();
+                assert!(kept <= live.len() + CHUNK_ROWS, "{kept} rows kept");
+                if batch % 20 == 19 {
+                    for probe in 0..IDS {
+                        let id = format!("tx-{probe}");
+                        let want = live.iter().rev().find(|r| r.0 == id).map(|r| r.1);
+                        let got = index.get(&id).map(|f| f.chunk.time[f.row]);
+                        assert_eq!(got, want, "{id} after batch {batch}, max {max}");
+                    }
                 }
+            }
+            assert!(all.len() > 2 * CHUNK_ROWS);
+            if max < 100 {
+                assert!(sweeps > 0, "no sweep with max {max}");
             }
         }
     }
