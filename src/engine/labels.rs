@@ -212,14 +212,18 @@ impl TxIndex {
         (row < chunk.time.len()).then_some(Found { chunk, row })
     }
 
+    /// Whether `slot` is the live row of transaction `id` (of hash `hash`).
+    fn is(chunks: &VecDeque<Chunk>, first: u64, slot: &Slot, hash: u64, id: &str) -> bool {
+        slot.hash == hash
+            && Self::at(chunks, first, slot.seq).is_some_and(|f| f.chunk.ids.get(f.row) == Some(id))
+    }
+
     /// The newest indexed row of transaction `id`.
     fn get(&self, id: &str) -> Option<Found<'_>> {
         let hash = self.hasher.hash_one(id.as_bytes());
-        let slot = self.table.find(hash, |s| {
-            s.hash == hash
-                && Self::at(&self.chunks, self.first, s.seq)
-                    .is_some_and(|f| f.chunk.ids.get(f.row) == Some(id))
-        })?;
+        let slot = self
+            .table
+            .find(hash, |s| Self::is(&self.chunks, self.first, s, hash, id))?;
         Self::at(&self.chunks, self.first, slot.seq)
     }
 
@@ -250,11 +254,7 @@ impl TxIndex {
                 ..
             } = self;
             // An id seen again (a producer retry) points at its newest row.
-            let same = |s: &Slot| {
-                s.hash == hash
-                    && Self::at(chunks, *first, s.seq)
-                        .is_some_and(|f| f.chunk.ids.get(f.row) == Some(id))
-            };
+            let same = |s: &Slot| Self::is(chunks, *first, s, hash, id);
             match table.entry(hash, same, |s| s.hash) {
                 hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().seq = seq,
                 hashbrown::hash_table::Entry::Vacant(v) => {
