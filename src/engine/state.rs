@@ -2,11 +2,12 @@
 //!
 //! The calls are grouped by their partition key. For every (key, entity) an [`Entity`] keeps the
 //! entity's rows once, sorted by event time, with one value slot per distinct argument of the
-//! key's calls (`sum(amount)` over 1 hour and over 24 hours share the `amount` slot); each call
-//! keeps only where its head frame starts and a running aggregate over it (`head` is the newest
-//! event time seen). A row that arrives in event-time order (the normal case) appends to the
-//! rows, updates each running aggregate and reads its result in O(1) amortised: this is how Flink
-//! evaluates OVER windows. A row older than `head` (out of order) is inserted at its place and
+//! key's calls (`sum(amount)` over 1 hour and over 24 hours share the `amount` slot). Per frame
+//! length the entity keeps where its head frame starts (shared by the calls over that length:
+//! `count(*)` is the frame's rows and keeps nothing else), and each running call an aggregate
+//! over it (`head` is the newest event time seen). A row that arrives in event-time order (the
+//! normal case) appends to the rows, enters each frame, pushes the rows now too old out of it,
+//! and reads each result in O(1) amortised: this is how Flink evaluates OVER windows. A row older than `head` (out of order) is inserted at its place and
 //! its frames are aggregated by a scan.
 //!
 //! History is kept for the key's longest frame plus the allowed lateness behind `head` (and, for
@@ -144,12 +145,14 @@ impl Val {
     }
 }
 
-/// Distinct values of a frame with their multiplicity: a short list (the common case, a few
-/// merchants or devices per card) that becomes a hash map when it grows.
+/// Distinct values of a frame with their multiplicity: one value kept inline (the common case,
+/// one merchant or device per card), a short list when there are more, and a hash map when it
+/// grows.
 #[derive(Debug, Clone)]
 enum Distinct {
+    One(u64, u32),
     Few(Vec<(u64, u32)>),
-    // Boxed so that a call state is 40 bytes, not 48: the map is rare, the states are not.
+    // Boxed so that a state is 32 bytes, not 48: the map is rare, the states are not.
     #[allow(clippy::box_collection)]
     Many(Box<HashMap<u64, u32, foldhash::fast::FixedState>>),
 }
@@ -159,6 +162,9 @@ impl Distinct {
 
     fn add(&mut self, k: u64) {
         match self {
+            Self::One(k0, c) if *k0 == k => *c += 1,
+            Self::One(k0, c) => *self = Self::Few(vec![(*k0, *c), (k, 1)]),
+            Self::Few(v) if v.is_empty() => *self = Self::One(k, 1),
             Self::Few(v) => {
                 if let Some(e) = v.iter_mut().find(|e| e.0 == k) {
                     e.1 += 1;
@@ -178,6 +184,13 @@ impl Distinct {
 
     fn remove(&mut self, k: u64) {
         match self {
+            Self::One(k0, c) if *k0 == k => {
+                *c -= 1;
+                if *c == 0 {
+                    *self = Self::Few(Vec::new());
+                }
+            }
+            Self::One(..) => {}
             Self::Few(v) => {
                 if let Some(i) = v.iter().position(|e| e.0 == k) {
                     v[i].1 -= 1;
@@ -199,6 +212,7 @@ impl Distinct {
 
     fn contains(&self, k: u64) -> bool {
         match self {
+            Self::One(k0, _) => *k0 == k,
             Self::Few(v) => v.iter().any(|e| e.0 == k),
             Self::Many(m) => m.contains_key(&k),
         }
@@ -206,6 +220,7 @@ impl Distinct {
 
     fn len(&self) -> usize {
         match self {
+            Self::One(..) => 1,
             Self::Few(v) => v.len(),
             Self::Many(m) => m.len(),
         }
@@ -234,84 +249,108 @@ impl Sum {
     }
 }
 
-/// Running aggregate of one call over its head frame (calls computed by scanning keep none).
+/// How a call is evaluated for a row that arrives in event-time order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Eval {
+    /// `count(*)` over a frame: the rows from the frame's start (the entity's state `start`) on.
+    Rows { start: usize },
+    /// A running aggregate, the entity's state `state`.
+    State { state: usize },
+    /// By scanning the frame (float sums, min, max, lag).
+    Scan,
+}
+
+/// The running calls of a key over one frame length: they share where the frame starts, so a
+/// row entering or leaving it is handled once for all of them.
+#[derive(Debug)]
+struct FrameSpec {
+    range_ms: i64,
+    /// The entity's state holding the frame's first row ([`State::Start`]).
+    start: usize,
+    /// The running aggregates over the frame: their state and the slot of their argument.
+    aggs: Vec<(usize, Option<usize>)>,
+}
+
+/// One of an entity's running states (their layout per key is [`KeySpec::init`]).
 #[derive(Debug, Clone)]
-enum Running {
-    /// Rows and non-null values in the frame, and their exact integer sum.
-    Exact { rows: u32, values: u32, sum: Sum },
-    /// Distinct values with their multiplicity.
+enum State {
+    /// Index of the first row of a head frame.
+    Start(u32),
+    /// Non-null values in the frame and their exact integer sum (`count(x)`, `sum`, `avg`).
+    Exact { values: u32, sum: Sum },
+    /// Distinct values of the frame with their multiplicity (`count(DISTINCT x)`).
     Distinct(Distinct),
 }
 
-impl Running {
-    /// The running aggregate of a call, or `None` when it is computed by scanning (floats,
-    /// min, max, lag).
-    fn new(func: WindowFunc, kind: ArgKind) -> Option<Self> {
+// States are what a row's frames touch: keep them two to a cache line.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<State>() == 32);
+
+impl State {
+    /// How a call is kept: `None` when it is computed by scanning (floats, min, max, lag),
+    /// `Some(None)` for `count(*)` (the frame's rows: no state of its own), otherwise its state.
+    fn of(func: WindowFunc, kind: ArgKind) -> Option<Option<Self>> {
         match (func, kind) {
-            (WindowFunc::CountDistinct, _) => Some(Self::Distinct(Distinct::Few(Vec::new()))),
-            (WindowFunc::CountStar | WindowFunc::Count, _)
+            (WindowFunc::CountStar, _) => Some(None),
+            (WindowFunc::CountDistinct, _) => Some(Some(Self::Distinct(Distinct::Few(Vec::new())))),
+            (WindowFunc::Count, _)
             | (WindowFunc::Sum | WindowFunc::Avg, ArgKind::Int | ArgKind::Decimal(_)) => {
-                Some(Self::Exact {
-                    rows: 0,
+                Some(Some(Self::Exact {
                     values: 0,
                     sum: Sum::default(),
-                })
+                }))
             }
             _ => None,
         }
     }
 
-    /// Count `v` into the aggregate (`add`) or out of it.
-    fn shift(&mut self, v: &Val, add: bool) {
+    fn start(&self) -> u32 {
         match self {
-            Self::Exact { rows, values, sum } => {
-                let step = |n: &mut u32| *n = if add { *n + 1 } else { *n - 1 };
-                step(rows);
-                if !matches!(v, Val::Null) {
-                    step(values);
+            Self::Start(s) => *s,
+            _ => unreachable!("a frame's start state"),
+        }
+    }
+
+    fn start_mut(&mut self) -> &mut u32 {
+        match self {
+            Self::Start(s) => s,
+            _ => unreachable!("a frame's start state"),
+        }
+    }
+
+    /// Count the value of slot `slot` of row `i` into the aggregate (`add`) or out of it.
+    #[inline]
+    fn shift(&mut self, rows: &Rows, i: usize, slot: Option<usize>, spec: &KeySpec, add: bool) {
+        let Some(s) = slot else { return };
+        match self {
+            Self::Exact { values, sum } => {
+                if rows.is_null(i, s, spec) {
+                    return;
                 }
-                if let Some(x) = v.int() {
+                *values = if add { *values + 1 } else { *values - 1 };
+                if let Some(x) = rows.int(i, s, spec) {
                     sum.add(if add { x } else { -x });
                 }
             }
-            Self::Distinct(d) => match (v.distinct_key(), add) {
-                (Some(k), true) => d.add(k),
-                (Some(k), false) => d.remove(k),
-                (None, _) => {}
-            },
+            Self::Distinct(d) => {
+                if let Some(k) = rows.distinct_key(i, s, spec) {
+                    if add { d.add(k) } else { d.remove(k) }
+                }
+            }
+            Self::Start(_) => unreachable!("a frame's start has no values"),
         }
     }
 
     fn result(&self, func: WindowFunc) -> Out {
         match (self, func) {
-            (Self::Exact { rows, .. }, WindowFunc::CountStar) => Out::I(*rows as i128),
             (Self::Exact { values, .. }, WindowFunc::Count) => Out::I(*values as i128),
-            (Self::Exact { values, sum, .. }, WindowFunc::Sum) => {
-                if *values == 0 {
-                    Out::Null
-                } else {
-                    Out::I(sum.get())
-                }
-            }
-            (Self::Exact { values, sum, .. }, WindowFunc::Avg) => {
-                if *values == 0 {
-                    Out::Null
-                } else {
-                    Out::Avg(sum.get(), *values as i64)
-                }
-            }
+            (Self::Exact { values: 0, .. }, WindowFunc::Sum | WindowFunc::Avg) => Out::Null,
+            (Self::Exact { sum, .. }, WindowFunc::Sum) => Out::I(sum.get()),
+            (Self::Exact { values, sum }, WindowFunc::Avg) => Out::Avg(sum.get(), *values as i64),
             (Self::Distinct(d), _) => Out::I(d.len() as i128),
             _ => unreachable!("running aggregates exist only for these calls"),
         }
     }
-}
-
-/// A running call's view of an entity's rows: where its head frame starts, and its aggregate.
-#[derive(Debug, Clone)]
-struct CallState {
-    /// Index of the first row of the head frame.
-    frame_start: u32,
-    running: Running,
 }
 
 /// How a slot's values are stored in their row word.
@@ -410,21 +449,63 @@ impl Rows {
         }
     }
 
-    /// The words of a row (event time `t`, slot values `row`, drained) in `enc`; its boxed
-    /// values are stored.
-    fn encode(&mut self, t: i64, row: &mut Vec<Val>, spec: &KeySpec, enc: &mut Vec<u64>) {
+    /// Whether slot `slot` of row `i` is NULL.
+    #[inline]
+    fn is_null(&self, i: usize, slot: usize, spec: &KeySpec) -> bool {
+        (self.words[i * spec.stride + 1 + slot / 32] >> (slot % 32)) & 1 != 0
+    }
+
+    /// The exact integer of slot `slot` of row `i` (an integer, timestamp or decimal slot),
+    /// `None` when it is NULL or holds no integer. Reads the row word unless the value is boxed.
+    #[inline]
+    fn int(&self, i: usize, slot: usize, spec: &KeySpec) -> Option<i128> {
+        let base = i * spec.stride;
+        let flags = self.words[base + 1 + slot / 32] >> (slot % 32);
+        match (flags & 1 != 0, flags & (1 << 32) != 0, spec.stored[slot]) {
+            (true, _, _) => None,
+            (false, false, Stored::Int) => {
+                Some(self.words[base + 1 + spec.flag_words + slot] as i64 as i128)
+            }
+            (false, false, _) => None,
+            (false, true, _) => self.val(i, slot, spec).int(),
+        }
+    }
+
+    /// The identity of slot `slot` of row `i` for distinct counting ([`Val::distinct_key`]),
+    /// `None` when it is NULL. Reads the row word unless the value is boxed.
+    #[inline]
+    fn distinct_key(&self, i: usize, slot: usize, spec: &KeySpec) -> Option<u64> {
+        let base = i * spec.stride;
+        let flags = self.words[base + 1 + slot / 32] >> (slot % 32);
+        if flags & 1 != 0 {
+            return None;
+        }
+        if flags & (1 << 32) != 0 {
+            return self.val(i, slot, spec).distinct_key();
+        }
+        let w = self.words[base + 1 + spec.flag_words + slot];
+        Some(match spec.stored[slot] {
+            Stored::Int | Stored::Hash => w,
+            Stored::Float => (f64::from_bits(w) + 0.0).to_bits(),
+            Stored::Text => unreachable!("kept text is boxed"),
+        })
+    }
+
+    /// The words of row `row` of the batch (event time `t`, its slot values read by `readers`)
+    /// in `enc`; its boxed values are stored.
+    fn encode(
+        &mut self,
+        t: i64,
+        row: usize,
+        readers: &[Reader<'_>],
+        spec: &KeySpec,
+        enc: &mut Vec<u64>,
+    ) {
         enc.clear();
         enc.push(t as u64);
         enc.extend(std::iter::repeat_n(0, spec.flag_words));
-        for (j, v) in row.drain(..).enumerate() {
-            let (word, flag) = match v {
-                Val::Null => (0, 1),
-                Val::I(x) => (x as u64, 0),
-                Val::F(x) => (x.to_bits(), 0),
-                Val::H(h) => (h, 0),
-                Val::Wide(x) => (self.store(Boxed::Wide(x)), 1 << 32),
-                Val::S(s) => (self.store(Boxed::Text(s)), 1 << 32),
-            };
+        for (j, &c) in spec.slot_reader.iter().enumerate() {
+            let (word, flag) = readers[c].word(row, self);
             enc[1 + j / 32] |= flag << (j % 32);
             enc.push(word);
         }
@@ -440,9 +521,8 @@ impl Rows {
 
     /// Insert an encoded row before row `pos`.
     fn insert(&mut self, pos: usize, enc: &[u64], spec: &KeySpec) {
-        for (j, &w) in enc.iter().enumerate() {
-            self.words.insert(pos * spec.stride + j, w);
-        }
+        self.words.extend(enc.iter().copied());
+        self.words.make_contiguous()[pos * spec.stride..].rotate_right(enc.len());
     }
 
     /// Forget the oldest row, and its boxed values.
@@ -480,15 +560,14 @@ impl Rows {
     }
 }
 
-/// An entity of one key: its rows, shared by every call partitioned by that key, and the states
-/// of the key's running calls. One cache line (its last-seen sequence number is kept beside it,
-/// in [`KeyState::seen`]).
+/// An entity of one key: its rows, shared by every call partitioned by that key, and its running
+/// states (the key's frames and running aggregates, [`KeySpec::init`]). One cache line (its
+/// last-seen sequence number is kept beside it, in [`KeyState::seen`]).
 #[derive(Debug, Clone)]
 #[repr(align(64))]
 struct Entity {
     rows: Rows,
-    /// Per running call of the key ([`KeySpec::state_of`]).
-    calls: Box<[CallState]>,
+    states: Box<[State]>,
     /// Newest event time seen.
     head: i64,
 }
@@ -497,41 +576,30 @@ struct Entity {
 const _: () = assert!(std::mem::size_of::<Entity>() == 64);
 
 impl Entity {
-    fn new(spec: &KeySpec, calls: &[WindowCall], kinds: &[ArgKind]) -> Self {
+    fn new(spec: &KeySpec) -> Self {
         Self {
             rows: Rows::default(),
-            calls: spec
-                .calls
-                .iter()
-                .filter_map(|&c| Running::new(calls[c].func, kinds[c]))
-                .map(|running| CallState {
-                    frame_start: 0,
-                    running,
-                })
-                .collect(),
+            states: spec.init.clone().into_boxed_slice(),
             head: i64::MIN,
         }
     }
 
-    /// Insert a row (its slot values in `row`, drained; `enc` is scratch) and emit each call's
-    /// result for it, in the key's call order.
+    /// Insert row `row` of the batch (event time `t`, its slot values read by `readers`; `enc`
+    /// is scratch) and emit each call's result for it, in the key's call order.
     #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         t: i64,
-        row: &mut Vec<Val>,
+        row: usize,
+        readers: &[Reader<'_>],
         enc: &mut Vec<u64>,
         spec: &KeySpec,
         calls: &[WindowCall],
         keep_ms: i64,
         mut emit: impl FnMut(usize, Out),
     ) {
-        let Self {
-            rows,
-            calls: states,
-            head,
-        } = self;
-        rows.encode(t, row, spec, enc);
+        let Self { rows, states, head } = self;
+        rows.encode(t, row, readers, spec, enc);
         if rows.words.capacity() == 0 {
             // Room for a few rows at once: growing a row at a time from nothing reallocates
             // (and copies) the rows of every new entity several times.
@@ -549,33 +617,42 @@ impl Entity {
         };
         let head = *head;
         let n = rows.len(spec);
-        for (local, &c) in spec.calls.iter().enumerate() {
-            let call = &calls[c];
-            let slot = spec.slot_of[local];
-            let value = |i: usize| slot.map_or(Val::Null, |s| rows.val(i, s, spec));
-            let range = call.range_ms;
-            let Some(cs) = spec.state_of[local].map(|s| &mut states[s]) else {
-                emit(local, scan(rows, spec, pos, t, call, value));
-                continue;
-            };
+        // The frames: the row enters each head frame it falls in, and in order, the rows now
+        // older than a frame leave it.
+        for f in &spec.frames {
+            let mut start = states[f.start].start() as usize;
             if in_order {
-                cs.running.shift(&value(pos), true);
-                while (cs.frame_start as usize) < n
-                    && rows.time(cs.frame_start as usize, spec) < t - range
-                {
-                    cs.running.shift(&value(cs.frame_start as usize), false);
-                    cs.frame_start += 1;
+                for &(s, slot) in &f.aggs {
+                    states[s].shift(rows, pos, slot, spec, true);
                 }
-            } else if t >= head - range {
-                cs.running.shift(&value(pos), true);
+                while start < n && rows.time(start, spec) < t - f.range_ms {
+                    for &(s, slot) in &f.aggs {
+                        states[s].shift(rows, start, slot, spec, false);
+                    }
+                    start += 1;
+                }
+            } else if t >= head - f.range_ms {
+                for &(s, slot) in &f.aggs {
+                    states[s].shift(rows, pos, slot, spec, true);
+                }
             } else {
                 // Before the head frame: it shifts the frame's first row by one.
-                cs.frame_start += 1;
+                start += 1;
             }
-            let out = if t == head {
-                cs.running.result(call.func)
-            } else {
-                scan(rows, spec, pos, t, call, value)
+            *states[f.start].start_mut() = start as u32;
+        }
+        for (local, &c) in spec.calls.iter().enumerate() {
+            let call = &calls[c];
+            let out = match spec.eval[local] {
+                Eval::Rows { start } if t == head => {
+                    Out::I((n - states[start].start() as usize) as i128)
+                }
+                Eval::State { state } if t == head => states[state].result(call.func),
+                _ => {
+                    let slot = spec.slot_of[local];
+                    let value = |i: usize| slot.map_or(Val::Null, |s| rows.val(i, s, spec));
+                    scan(rows, spec, pos, t, call, value)
+                }
             };
             emit(local, out);
         }
@@ -586,14 +663,14 @@ impl Entity {
         while rows.len(spec) > 0 {
             if rows.time(0, spec) >= cutoff
                 || (spec.has_lag && (rows.len(spec) < 2 || rows.time(1, spec) > lag_bound))
-                || states.iter().any(|c| c.frame_start == 0)
+                || spec.frames.iter().any(|f| states[f.start].start() == 0)
             {
                 break;
             }
             rows.pop_front(spec);
-            states
-                .iter_mut()
-                .for_each(|c| c.frame_start = c.frame_start.saturating_sub(1));
+            for f in &spec.frames {
+                *states[f.start].start_mut() -= 1;
+            }
         }
     }
 }
@@ -709,9 +786,12 @@ struct KeySpec {
     slot_reader: Vec<usize>,
     /// Per slot: how its values are stored.
     stored: Vec<Stored>,
-    /// Per call of the key: its state among the entity's running call states (None for calls
-    /// computed by scanning).
-    state_of: Vec<Option<usize>>,
+    /// Per call of the key: how it is evaluated for a row in event-time order.
+    eval: Vec<Eval>,
+    /// The frames of the key's running calls, one per frame length.
+    frames: Vec<FrameSpec>,
+    /// The running states of a new entity: the frames' starts and the running aggregates.
+    init: Vec<State>,
     /// Flag words of a row: one per 32 slots.
     flag_words: usize,
     /// Words of a row: its time, the flag words and the slots.
@@ -810,14 +890,7 @@ const PREFETCH_ROWS: usize = 12;
 impl KeyState {
     /// The entity of each row of `key` (created when new), or [`NO_ENTITY`] where the key or
     /// the event time is NULL.
-    fn locate(
-        &mut self,
-        key: &StringArray,
-        time: &TimestampMillisecondArray,
-        calls: &[WindowCall],
-        kinds: &[ArgKind],
-        out: &mut Vec<u32>,
-    ) {
+    fn locate(&mut self, key: &StringArray, time: &TimestampMillisecondArray, out: &mut Vec<u32>) {
         out.clear();
         out.extend((0..key.len()).map(|row| {
             if key.is_null(row) || time.is_null(row) {
@@ -828,7 +901,7 @@ impl KeyState {
                 Some(&i) => i,
                 None => {
                     let i = u32::try_from(self.entities.len()).expect("fewer than 2^32 entities");
-                    self.entities.push(Entity::new(&self.spec, calls, kinds));
+                    self.entities.push(Entity::new(&self.spec));
                     self.seen.push(0);
                     self.index.insert(EntityKey::new(k), i);
                     i
@@ -907,9 +980,9 @@ impl Entity {
             prefetch(w);
             prefetch(w.wrapping_add(spec.stride));
         }
-        let calls = self.calls.as_ptr().cast::<u8>();
-        for line in (0..std::mem::size_of_val(&self.calls[..])).step_by(64) {
-            prefetch(calls.wrapping_add(line));
+        let states = self.states.as_ptr().cast::<u8>();
+        for line in (0..std::mem::size_of_val(&self.states[..])).step_by(64) {
+            prefetch(states.wrapping_add(line));
         }
     }
 
@@ -918,16 +991,19 @@ impl Entity {
     #[inline(always)]
     fn prefetch_frames(&self, spec: &KeySpec) {
         let words = &self.rows.words;
-        for cs in &self.calls {
-            if let Running::Distinct(Distinct::Few(v)) = &cs.running {
-                prefetch(v.as_ptr());
-            }
-            let first = cs.frame_start as usize * spec.stride;
-            if let Some(w) = words.get(first) {
-                prefetch(w);
-            }
-            if let Some(w) = words.get(first + spec.stride - 1) {
-                prefetch(w);
+        for st in &self.states {
+            match st {
+                State::Distinct(Distinct::Few(v)) => prefetch(v.as_ptr()),
+                State::Start(start) => {
+                    let first = *start as usize * spec.stride;
+                    if let Some(w) = words.get(first) {
+                        prefetch(w);
+                    }
+                    if let Some(w) = words.get(first + spec.stride - 1) {
+                        prefetch(w);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -994,7 +1070,9 @@ impl WindowState {
                     slot_of: Vec::new(),
                     slot_reader: Vec::new(),
                     stored: Vec::new(),
-                    state_of: Vec::new(),
+                    eval: Vec::new(),
+                    frames: Vec::new(),
+                    init: Vec::new(),
                     flag_words: 0,
                     stride: 1,
                     frame_ms: 0,
@@ -1035,9 +1113,36 @@ impl WindowState {
                 ),
             };
             ks.slot_of.push(slot);
-            let states = ks.state_of.iter().flatten().count();
-            ks.state_of
-                .push(Running::new(call.func, kinds[i]).map(|_| states));
+            let eval = match State::of(call.func, kinds[i]) {
+                None => Eval::Scan,
+                Some(state) => {
+                    let f = match ks.frames.iter().position(|f| f.range_ms == call.range_ms) {
+                        Some(f) => f,
+                        None => {
+                            ks.init.push(State::Start(0));
+                            ks.frames.push(FrameSpec {
+                                range_ms: call.range_ms,
+                                start: ks.init.len() - 1,
+                                aggs: Vec::new(),
+                            });
+                            ks.frames.len() - 1
+                        }
+                    };
+                    match state {
+                        None => Eval::Rows {
+                            start: ks.frames[f].start,
+                        },
+                        Some(state) => {
+                            ks.init.push(state);
+                            ks.frames[f].aggs.push((ks.init.len() - 1, slot));
+                            Eval::State {
+                                state: ks.init.len() - 1,
+                            }
+                        }
+                    }
+                }
+            };
+            ks.eval.push(eval);
         }
         for k in &mut keys {
             let ks = &mut k.spec;
@@ -1143,7 +1248,6 @@ impl WindowState {
         let (keys, args) = self.read_columns(input)?;
         let keys = utf8_keys(&keys);
         let readers = self.readers(&args);
-        let mut row_vals: Vec<Val> = Vec::new();
         let mut enc: Vec<u64> = Vec::new();
         let mut located: Vec<u32> = Vec::with_capacity(n);
         // Keys are independent: each key's rows are processed in row order, key after key.
@@ -1153,7 +1257,7 @@ impl WindowState {
             if ks.spec.calls.is_empty() {
                 continue;
             }
-            ks.locate(keys[g], input.time, &self.calls, &self.kinds, &mut located);
+            ks.locate(keys[g], input.time, &mut located);
             let KeyState {
                 spec,
                 entities,
@@ -1186,10 +1290,10 @@ impl WindowState {
                     continue;
                 }
                 seen[i as usize] = first_seq + row as u64;
-                row_vals.extend(spec.slot_reader.iter().map(|&c| readers[c].get(row)));
                 entities[i as usize].push(
                     input.time.value(row),
-                    &mut row_vals,
+                    row,
+                    &readers,
                     &mut enc,
                     spec,
                     &self.calls,
@@ -1261,14 +1365,14 @@ impl KeyState {
                 .iter()
                 .map(|e| {
                     e.rows.heap_bytes()
-                        + std::mem::size_of_val(&e.calls[..])
-                        + e.calls
+                        + std::mem::size_of_val(&e.states[..])
+                        + e.states
                             .iter()
-                            .map(|c| match &c.running {
-                                Running::Distinct(Distinct::Few(v)) => {
+                            .map(|c| match c {
+                                State::Distinct(Distinct::Few(v)) => {
                                     v.capacity() * size_of::<(u64, u32)>()
                                 }
-                                Running::Distinct(Distinct::Many(m)) => {
+                                State::Distinct(Distinct::Many(m)) => {
                                     size_of::<HashMap<u64, u32>>() + m.capacity() * 17
                                 }
                                 _ => 0,
@@ -1324,7 +1428,6 @@ impl WindowState {
         let (keys, args) = self.read_columns(input)?;
         let keys = utf8_keys(&keys);
         let readers = self.readers(&args);
-        let mut row_vals: Vec<Val> = Vec::new();
         let mut enc: Vec<u64> = Vec::new();
         // Copies of the entities the current group touched, per key.
         let mut scratch: Vec<HashMap<&str, Entity>> = vec![HashMap::new(); self.keys.len()];
@@ -1345,12 +1448,12 @@ impl WindowState {
                 let k = key.value(row);
                 let e = scratch[g].entry(k).or_insert_with(|| match ks.get(k) {
                     Some(e) => e.clone(),
-                    None => Entity::new(spec, &self.calls, &self.kinds),
+                    None => Entity::new(spec),
                 });
-                row_vals.extend(spec.slot_reader.iter().map(|&c| readers[c].get(row)));
                 e.push(
                     t,
-                    &mut row_vals,
+                    row,
+                    &readers,
                     &mut enc,
                     spec,
                     &self.calls,
@@ -1410,25 +1513,32 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn get(&self, row: usize) -> Val {
+    /// The row word of row `row`'s value and its flag (1: NULL, `1 << 32`: the word numbers a
+    /// value boxed in `rows`).
+    #[inline]
+    fn word(&self, row: usize, rows: &mut Rows) -> (u64, u64) {
+        const NULL: (u64, u64) = (0, 1);
         match self {
-            Self::None => Val::Null,
-            Self::Int(a) if !a.is_null(row) => Val::I(a.value(row)),
+            Self::None => NULL,
+            Self::Int(a) if !a.is_null(row) => (a.value(row) as u64, 0),
             Self::Dec(a) if !a.is_null(row) => {
                 let x = a.value(row);
-                i64::try_from(x).map_or(Val::Wide(x), Val::I)
+                match i64::try_from(x) {
+                    Ok(x) => (x as u64, 0),
+                    Err(_) => (rows.store(Boxed::Wide(x)), 1 << 32),
+                }
             }
-            Self::F64(a) if !a.is_null(row) => Val::F(a.value(row)),
-            Self::Time(a) if !a.is_null(row) => Val::I(a.value(row)),
+            Self::F64(a) if !a.is_null(row) => (a.value(row).to_bits(), 0),
+            Self::Time(a) if !a.is_null(row) => (a.value(row) as u64, 0),
             Self::Text(a, keep) if !a.is_null(row) => {
                 let s = a.value(row);
                 if *keep {
-                    Val::S(Arc::new(s.into()))
+                    (rows.store(Boxed::Text(Arc::new(s.into()))), 1 << 32)
                 } else {
-                    Val::H(text_hash(s))
+                    (text_hash(s), 0)
                 }
             }
-            _ => Val::Null,
+            _ => NULL,
         }
     }
 }
@@ -1737,6 +1847,44 @@ mod tests {
             assert_eq!(&whole.slice(4, 3), tail);
         }
         assert_eq!(warmed.longest_ms(), 100_000);
+    }
+
+    /// A distinct set, through its inline, list and map forms (more than [`Distinct::FEW`]
+    /// values), counts what a multiset counts while values come and go.
+    #[test]
+    fn distinct_sets_count_as_a_multiset_in_every_form() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for spread in [1u64, 2, 3, 40] {
+            let mut d = Distinct::Few(Vec::new());
+            let mut model: HashMap<u64, u32> = HashMap::new();
+            let mut forms = [false; 3];
+            for _ in 0..4000 {
+                let k = rng.random_range(0..spread);
+                // Adds win while the set is small, so that every form is reached and left.
+                if rng.random_bool(if model.len() < 30 { 0.6 } else { 0.4 }) {
+                    d.add(k);
+                    *model.entry(k).or_insert(0) += 1;
+                } else if let Some(c) = model.get_mut(&k) {
+                    d.remove(k);
+                    *c -= 1;
+                    if *c == 0 {
+                        model.remove(&k);
+                    }
+                }
+                forms[match d {
+                    Distinct::One(..) => 0,
+                    Distinct::Few(_) => 1,
+                    Distinct::Many(_) => 2,
+                }] = true;
+                assert_eq!(d.len(), model.len());
+                for probe in 0..spread {
+                    assert_eq!(d.contains(probe), model.contains_key(&probe), "{probe}");
+                }
+            }
+            assert!(forms[0] && forms[1], "spread {spread}: {forms:?}");
+            assert!(spread < 40 || forms[2], "spread {spread}: {forms:?}");
+        }
     }
 
     /// Rows whose values do not fit a word (decimals beyond 64 bits, kept text) or are NULL, in
