@@ -227,8 +227,8 @@ impl Distinct {
     }
 }
 
-/// An exact sum kept as two 64-bit halves: an `i128` field would align the call states to 16
-/// bytes and make them a third larger.
+/// An exact sum kept as two 64-bit halves: an `i128` field would align the states to 16
+/// bytes and make them larger.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sum {
     lo: u64,
@@ -883,7 +883,7 @@ struct KeyState {
 const NO_ENTITY: u32 = u32::MAX;
 
 /// How many rows ahead [`WindowState::update`] prefetches an entity's record. Its buffers are
-/// prefetched two thirds as far ahead (once the record is in cache), and what its calls' states
+/// prefetched two thirds as far ahead (once the record is in cache), and what its states
 /// point to one third as far ahead (once those are).
 const PREFETCH_ROWS: usize = 12;
 
@@ -972,7 +972,7 @@ impl Entity {
     }
 
     /// Prefetch the buffers the next [`Entity::push`] reads first: the end of the rows (where
-    /// the row goes) and the calls' states.
+    /// the row goes) and its running states.
     #[inline(always)]
     fn prefetch_buffers(&self, spec: &KeySpec) {
         if let Some(w) = self.rows.words.back() {
@@ -986,7 +986,7 @@ impl Entity {
         }
     }
 
-    /// Prefetch what the calls' states point to: the first row of each head frame (which the
+    /// Prefetch what the running states point to: the first row of each head frame (which the
     /// next row may push out) and the distinct lists.
     #[inline(always)]
     fn prefetch_frames(&self, spec: &KeySpec) {
