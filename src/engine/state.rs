@@ -7,8 +7,9 @@
 //! `count(*)` is the frame's rows and keeps nothing else), and each running call an aggregate
 //! over it (`head` is the newest event time seen). A row that arrives in event-time order (the
 //! normal case) appends to the rows, enters each frame, pushes the rows now too old out of it,
-//! and reads each result in O(1) amortised: this is how Flink evaluates OVER windows. A row older than `head` (out of order) is inserted at its place and
-//! its frames are aggregated by a scan.
+//! and reads each result in O(1) amortised: this is how Flink evaluates OVER windows. A row
+//! older than `head` (out of order) is inserted at its place and its frames are aggregated by a
+//! scan.
 //!
 //! History is kept for the key's longest frame plus the allowed lateness behind `head` (and, for
 //! `lag`, the last row before the lateness bound), so every row within the allowed lateness sees
