@@ -136,25 +136,45 @@ pub async fn partitions(
         .collect()
 }
 
-/// Create a topic if it does not exist yet.
+/// Create a topic if it does not exist yet, and wait until the broker lists it with its
+/// partitions: the controller answers a creation before the metadata every client reads has it,
+/// so a producer opened right after could still be told the topic does not exist.
 pub async fn ensure_topic(
     client: &Client,
     cfg: &KafkaConfig,
     topic: &str,
     partitions: i32,
 ) -> Result<(), KafkaError> {
-    let existing = client.list_topics().await.map_err(client_err(cfg))?;
-    if existing.iter().any(|t| t.name == topic) {
+    // Listed with at least `min` partitions.
+    let listed = |topics: &[rskafka::topic::Topic], min: usize| {
+        topics
+            .iter()
+            .any(|t| t.name == topic && t.partitions.len() >= min.max(1))
+    };
+    if listed(&client.list_topics().await.map_err(client_err(cfg))?, 1) {
         return Ok(());
     }
     let controller = client.controller_client().map_err(client_err(cfg))?;
-    match controller.create_topic(topic, partitions, 1, 10_000).await {
-        Ok(()) => Ok(()),
+    // Created here: all its partitions; created by someone else meanwhile: any.
+    let min = match controller.create_topic(topic, partitions, 1, 10_000).await {
+        Ok(()) => usize::try_from(partitions).unwrap_or(1),
         Err(KafkaClientError::ServerError {
             protocol_error: ProtocolError::TopicAlreadyExists,
             ..
-        }) => Ok(()),
-        Err(e) => Err(client_err(cfg)(e)),
+        }) => 1,
+        Err(e) => return Err(client_err(cfg)(e)),
+    };
+    let mut delay = Duration::from_millis(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if listed(&client.list_topics().await.map_err(client_err(cfg))?, min) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(KafkaError::NoTopic(topic.to_string()));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 
