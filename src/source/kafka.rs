@@ -164,7 +164,7 @@ pub async fn ensure_topic(
         }) => 1,
         Err(e) => return Err(client_err(cfg)(e)),
     };
-    let mut delay = Duration::from_millis(20);
+    let mut backoff = Backoff::new(20, 500);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if listed(&client.list_topics().await.map_err(client_err(cfg))?, min) {
@@ -173,8 +173,7 @@ pub async fn ensure_topic(
         if tokio::time::Instant::now() >= deadline {
             return Err(KafkaError::NoTopic(topic.to_string()));
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(500));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
