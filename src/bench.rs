@@ -677,6 +677,8 @@ pub async fn sink(
             .execute(pg.pool())
             .await?;
         sqlx::query("CHECKPOINT").execute(pg.pool()).await?;
+        // Each run starts like a new process on empty tables.
+        pg.forget_stored_groups();
         let t = Instant::now();
         for (seq, (at, n, decided, partials)) in batches.iter().enumerate() {
             let b = SinkBatch {

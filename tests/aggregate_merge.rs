@@ -1,7 +1,9 @@
 //! The merge of partial aggregates into their table, against the real PostgreSQL server: over
 //! several commits whose groups overlap (NULL keys among them), the table must equal the
-//! aggregate of all rows computed here by brute force; and a group inserted by a concurrent
-//! writer while a batch merges must make that batch retryable, not lost or failed for good.
+//! aggregate of all rows computed here by brute force, whichever way the groups went in (copied
+//! as new, merged as known, or merged after a wrong guess by a sink that did not know them); and
+//! a group inserted by a concurrent writer while a batch writes it must be merged, or make the
+//! batch retryable, never lost or failed for good.
 
 mod common;
 
@@ -14,7 +16,7 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use payguard::engine::aggregates::AggregateStage;
-use payguard::sink::postgres::PgSink;
+use payguard::sink::postgres::{AggregatePaths, PgSink};
 use payguard::sink::{CommitOutcome, Sink, SinkBatch, SinkError};
 use rand::{Rng, SeedableRng};
 use sqlx::{Connection, PgConnection, Row};
@@ -109,6 +111,7 @@ struct Setup {
     env: common::TestEnv,
     _sql: tempfile::TempDir,
     stages: Arc<Vec<AggregateStage>>,
+    pg: PgSink,
     sink: Sink,
 }
 
@@ -133,11 +136,26 @@ async fn setup(name: &str) -> Setup {
         env,
         _sql: sql,
         stages: Arc::new(vec![stage]),
+        pg: pg.clone(),
         sink: Sink::Postgres(pg),
     }
 }
 
 impl Setup {
+    /// A second sink on the same database, as another process would be: it knows no group.
+    async fn other_sink(&self) -> PgSink {
+        let config = payguard::config::load(&self.env.config).unwrap();
+        let pg = PgSink::connect(
+            &config.postgres,
+            &config.resolve(&config.postgres.migrations),
+            &self.env.pipeline,
+        )
+        .await
+        .unwrap();
+        pg.prepare_aggregates(&self.stages).await.unwrap();
+        pg
+    }
+
     async fn sink_batch(&self, seq: u64, rows: &[Row4]) -> SinkBatch {
         let partials = self.stages[0].partial(&[batch(rows)]).await.unwrap();
         SinkBatch {
@@ -154,6 +172,7 @@ async fn merged_groups_equal_the_aggregate_of_all_rows_null_keys_included() {
     let s = setup("aggmerge").await;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let countries = [Some("DE"), Some("FR"), None, Some("US"), Some("NL")];
+    let other = s.other_sink().await;
     let mut all: Vec<Row4> = Vec::new();
     for seq in 0..6u64 {
         // Overlapping buckets from batch to batch: every commit both updates and inserts groups.
@@ -171,8 +190,15 @@ async fn merged_groups_equal_the_aggregate_of_all_rows_null_keys_included() {
             .collect();
         all.extend_from_slice(&rows);
         let b = s.sink_batch(seq, &rows).await;
+        // The last commit comes from a second sink that knows none of the groups: its guess that they
+        // are new fails on the stored ones, and it merges the batch instead.
+        let sink = if seq == 5 {
+            Sink::Postgres(other.clone())
+        } else {
+            s.sink.clone()
+        };
         assert!(matches!(
-            s.sink.commit(&b).await.unwrap(),
+            sink.commit(&b).await.unwrap(),
             CommitOutcome::Committed(_)
         ));
         let mut conn = s.env.db().await;
@@ -189,17 +215,82 @@ async fn merged_groups_equal_the_aggregate_of_all_rows_null_keys_included() {
             assert!((g.3 - w.3).abs() <= 1e-12, "max score of {k:?}");
         }
     }
+    // Every path was taken: new groups copied and known ones merged by the first sink; one
+    // wrong guess, rolled back and merged, by the second.
+    let first = s.pg.aggregate_paths();
+    assert!(first.copied > 0 && first.merged > 0, "{first:?}");
+    assert_eq!(first.fallbacks, 0, "{first:?}");
+    let second = other.aggregate_paths();
+    assert_eq!(second.fallbacks, 1, "{second:?}");
+    assert_eq!(second.copied, 0, "{second:?}");
+    assert!(second.merged > 0, "{second:?}");
 }
 
 #[tokio::test]
-async fn a_group_inserted_concurrently_makes_the_batch_retryable() {
-    let s = setup("aggconflict").await;
+async fn a_failed_guess_pauses_guessing_and_an_emptied_table_is_merged_into() {
+    let s = setup("aggpause").await;
     let rows: Vec<Row4> = vec![
         (1_790_000_000_000, Some("DE"), 1_000, 0.5),
-        (1_790_000_000_000 + MINUTE_MS, Some("FR"), 2_000, 0.25),
+        (1_790_000_000_000, None, 3_000, 0.75),
     ];
+    s.sink.commit(&s.sink_batch(0, &rows).await).await.unwrap();
+    assert_eq!(
+        s.pg.aggregate_paths(),
+        AggregatePaths {
+            copied: 2,
+            merged: 0,
+            fallbacks: 0
+        }
+    );
+    // The table emptied behind the sink's back (as retention drops old groups): the groups it
+    // knows are merged, which inserts them.
+    let mut conn = s.env.db().await;
+    sqlx::query("DELETE FROM agg_merge_test")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    s.sink.commit(&s.sink_batch(1, &rows).await).await.unwrap();
+    assert_eq!(s.pg.aggregate_paths().merged, 2);
+    assert_eq!(stored(&mut conn).await.len(), 2);
+    // A sink that does not know them guesses wrong once, then merges for the paused commits
+    // even groups it has never seen, then guesses again.
+    let other = s.other_sink().await;
+    let sink = Sink::Postgres(other.clone());
+    sink.commit(&s.sink_batch(2, &rows).await).await.unwrap();
+    assert_eq!(other.aggregate_paths().fallbacks, 1);
+    let fresh =
+        |i: i64| -> Vec<Row4> { vec![(1_790_000_000_000 + i * BUCKET_MS, Some("FR"), 10, 0.1)] };
+    for i in 1..=payguard::sink::groups::PAUSE_COMMITS as i64 {
+        sink.commit(&s.sink_batch(2 + i as u64, &fresh(i)).await)
+            .await
+            .unwrap();
+    }
+    let paused = other.aggregate_paths();
+    assert_eq!(paused.copied, 0, "{paused:?}");
+    sink.commit(&s.sink_batch(100, &fresh(100)).await)
+        .await
+        .unwrap();
+    assert_eq!(other.aggregate_paths().copied, 1);
+    let got = stored(&mut conn).await;
+    assert_eq!(
+        got.len(),
+        2 + payguard::sink::groups::PAUSE_COMMITS as usize + 1
+    );
     let bucket = 1_790_000_000_000_i64.div_euclid(BUCKET_MS) * BUCKET_MS;
-    // Another writer inserts the DE group and holds its transaction open.
+    assert_eq!(got[&(bucket, Some("DE".into()))].0, 2);
+    assert_eq!(got[&(bucket, None)].1, 6_000);
+}
+
+/// Another writer inserts the DE group of `bucket` and holds its transaction open while the
+/// sink commits `rows`; it commits once the sink's `statement` (COPY or MERGE) waits for it on
+/// the unique key. Returns the sink's result.
+async fn commit_beside_a_concurrent_insert(
+    s: &Setup,
+    seq: u64,
+    rows: &[Row4],
+    bucket: i64,
+    statement: &str,
+) -> Result<CommitOutcome, SinkError> {
     let mut other = s.env.db().await;
     let mut tx = other.begin().await.unwrap();
     sqlx::query(
@@ -210,17 +301,17 @@ async fn a_group_inserted_concurrently_makes_the_batch_retryable() {
     .execute(&mut *tx)
     .await
     .unwrap();
-    let b = s.sink_batch(0, &rows).await;
+    let b = s.sink_batch(seq, rows).await;
     let sink = s.sink.clone();
     let commit = tokio::spawn(async move { sink.commit(&b).await });
-    // Commit the other writer only once the sink's insert waits for it on the unique key.
     let mut watch = s.env.db().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'MERGE%'",
+             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
         )
+        .bind(format!("{statement}%"))
         .fetch_one(&mut watch)
         .await
         .unwrap();
@@ -229,25 +320,55 @@ async fn a_group_inserted_concurrently_makes_the_batch_retryable() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the sink's merge never waited for the concurrent insert"
+            "the sink's {statement} never waited for the concurrent insert"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tx.commit().await.unwrap();
-    let err = commit
+    commit.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_group_inserted_concurrently_is_merged_or_makes_the_batch_retryable() {
+    let s = setup("aggconflict").await;
+    let t0 = 1_790_000_000_000_i64;
+    let rows: Vec<Row4> = vec![
+        (t0, Some("DE"), 1_000, 0.5),
+        (t0 + MINUTE_MS, Some("FR"), 2_000, 0.25),
+    ];
+    let bucket = t0.div_euclid(BUCKET_MS) * BUCKET_MS;
+    // Groups the sink has never seen are copied: the COPY meets the concurrent DE group, is
+    // rolled back to its savepoint, and the batch merges into that group in the same commit.
+    let done = commit_beside_a_concurrent_insert(&s, 0, &rows, bucket, "COPY")
         .await
-        .unwrap()
+        .unwrap();
+    assert!(matches!(done, CommitOutcome::Committed(_)));
+    assert_eq!(s.pg.aggregate_paths().fallbacks, 1);
+    let mut conn = s.env.db().await;
+    let got = stored(&mut conn).await;
+    assert_eq!(got[&(bucket, Some("DE".into()))].0, 11);
+    assert_eq!(got[&(bucket, Some("DE".into()))].1, 11_000);
+    assert_eq!(got[&(bucket, Some("DE".into()))].2, 100);
+    assert_eq!(got[&(bucket, Some("FR".into()))].0, 1);
+
+    // A group the sink knows goes through the MERGE. Gone from the table (as retention drops
+    // it) and inserted again by another writer while the MERGE inserts it, it makes the batch
+    // retryable.
+    sqlx::query("DELETE FROM agg_merge_test")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let err = commit_beside_a_concurrent_insert(&s, 1, &rows, bucket, "MERGE")
+        .await
         .expect_err("the merge must meet the concurrent group");
     assert!(
         matches!(err, SinkError::ConcurrentGroup { .. }) && err.is_retryable(),
         "{err}"
     );
     // The retry (what the pipeline does) merges into the group the other writer stored.
-    let b = s.sink_batch(0, &rows).await;
-    s.sink.commit(&b).await.unwrap();
-    let got = stored(&mut watch).await;
+    s.sink.commit(&s.sink_batch(1, &rows).await).await.unwrap();
+    let got = stored(&mut conn).await;
     assert_eq!(got[&(bucket, Some("DE".into()))].0, 11);
     assert_eq!(got[&(bucket, Some("DE".into()))].1, 11_000);
-    assert_eq!(got[&(bucket, Some("DE".into()))].2, 100);
     assert_eq!(got[&(bucket, Some("FR".into()))].0, 1);
 }

@@ -3,9 +3,12 @@
 //! - [`postgres`]: PostgreSQL / TimescaleDB. One database transaction per micro-batch holds the
 //!   rows (bulk COPY), the dead letters and the next offsets; a crash before the commit leaves
 //!   nothing, and the batch is re-read from Kafka on the next start. That is exactly-once.
+//! - [`groups`]: the aggregate groups the PostgreSQL sink knows to be stored, so that new groups
+//!   are COPYed into their table and only known ones merged.
 //! - [`memory`]: an in-process store for the demo and tests, with the same offset semantics.
 
 pub mod copy;
+pub mod groups;
 mod history;
 mod labels;
 pub mod memory;

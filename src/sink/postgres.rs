@@ -7,21 +7,30 @@
 //! the aggregates again without them, and commits once more. So a duplicate is stored once *and*
 //! counted once in every aggregate, and the common case pays nothing for it.
 //!
+//! Partial aggregates: groups the sink has never seen committed are COPYed into their table
+//! under a savepoint, the others MERGEd through a staging table; a group guessed new that is
+//! stored after all rolls the COPY back to the savepoint and the batch is merged
+//! ([`super::groups`]).
+//!
 //! Offsets are written with a guard: a partition's stored offset must still be the one this process
 //! started the batch from, or the commit is refused ([`SinkError::Fenced`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray,
+    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray,
 };
+use datafusion::arrow::compute::{filter_record_batch, not};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::error::ArrowError;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 
+use super::groups::{self, KnownGroups};
 use super::{CommitOutcome, CommitStats, SinkBatch, SinkError, StoredOffsets, copy};
 use crate::config::PostgresConfig;
 use crate::engine::aggregates::{AggregateStage, Merge};
@@ -65,6 +74,29 @@ pub struct PgSink {
     /// Aggregate tables known to exist, by name, with the schema they were created for and their
     /// column types for a binary COPY (when every column has one).
     prepared: Arc<Mutex<HashMap<String, PreparedAggregate>>>,
+    /// Groups of each aggregate table known to be stored, by stage name ([`groups`]).
+    known: Arc<Mutex<HashMap<String, KnownGroups>>>,
+    paths: Arc<PathCounters>,
+}
+
+/// How the groups of the aggregate merges went in, in the commits this sink attempted (a commit
+/// that failed afterwards counts too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AggregatePaths {
+    /// Groups guessed new and COPYed straight into their table.
+    pub copied: u64,
+    /// Groups merged through the staging table (known ones, and all of a batch whose guess
+    /// failed or was paused).
+    pub merged: u64,
+    /// COPYs of new groups rolled back because a group was stored after all.
+    pub fallbacks: u64,
+}
+
+#[derive(Debug, Default)]
+struct PathCounters {
+    copied: AtomicU64,
+    merged: AtomicU64,
+    fallbacks: AtomicU64,
 }
 
 /// An aggregate table known to exist: the schema it was created for, and its column types for a
@@ -138,7 +170,26 @@ impl PgSink {
             copy_transactions_binary,
             copy_alerts: format!("COPY alerts ({}) FROM STDIN", alert_cols.join(", ")),
             prepared: Arc::default(),
+            known: Arc::default(),
+            paths: Arc::default(),
         })
+    }
+
+    /// How the groups of the aggregate merges went in so far (tests, benchmarks).
+    pub fn aggregate_paths(&self) -> AggregatePaths {
+        let p = &self.paths;
+        AggregatePaths {
+            copied: p.copied.load(Ordering::Relaxed),
+            merged: p.merged.load(Ordering::Relaxed),
+            fallbacks: p.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Forget which aggregate groups are stored, as a new process starts: for tables emptied
+    /// behind the sink's back (benchmarks; forgetting is never needed for correctness, a group
+    /// wrongly known is merged).
+    pub fn forget_stored_groups(&self) {
+        self.known.lock().expect("known groups lock").clear();
     }
 
     /// The connection pool (for the API and tests).
@@ -271,6 +322,8 @@ impl PgSink {
         let t_other = t0.elapsed();
         // Last before the commit: the merges set the join plan for the rest of the transaction.
         let mut planned = false;
+        // Group keys each merge stored, remembered once the transaction has committed.
+        let mut remember = Vec::new();
         for (name, partials) in &batch.aggregates {
             let Some(stage) = batch.aggregate_stages.iter().find(|s| &s.name == name) else {
                 continue;
@@ -288,10 +341,17 @@ impl PgSink {
                     .await?;
                 planned = true;
             }
-            self.merge_aggregate(&mut tx, stage, partials).await?;
+            let stored = self.merge_aggregate(&mut tx, stage, partials).await?;
+            remember.push((name, stored));
         }
         let t_aggregates = t0.elapsed();
         tx.commit().await?;
+        if !remember.is_empty() {
+            let mut known = self.known.lock().expect("known groups lock");
+            for (name, stored) in remember {
+                known.entry(name.clone()).or_default().add(stored);
+            }
+        }
         tracing::debug!(
             rows,
             encode = ?t_encode,
@@ -346,18 +406,21 @@ impl PgSink {
         Ok(out)
     }
 
+    /// Merge a stage's partial aggregates into its table. Groups never seen committed are
+    /// COPYed straight in, under a savepoint; the others go through the staging table and a
+    /// MERGE ([`groups`]). Returns the key hashes of every group, to remember once the
+    /// transaction commits.
     async fn merge_aggregate(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         stage: &AggregateStage,
         partials: &[RecordBatch],
-    ) -> Result<(), SinkError> {
+    ) -> Result<Vec<u64>, SinkError> {
         if partials.iter().all(|b| b.num_rows() == 0) {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let schema = stage.schema();
         let table = format!("agg_{}", stage.name);
-        let staging = format!("payguard_staging_{}", stage.name);
         let cols: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
         let known = self
             .prepared
@@ -381,31 +444,144 @@ impl PgSink {
                 types
             }
         };
+        let internal = |e: ArrowError| SinkError::Internal(e.to_string());
+        let hashes = partials
+            .iter()
+            .map(|b| groups::key_hashes(b, &stage.keys))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(internal)?;
+        // Which rows hold groups never seen committed (when guessing is not paused).
+        let fresh: Option<Vec<BooleanArray>> = {
+            let mut all = self.known.lock().expect("known groups lock");
+            let k = all.entry(stage.name.clone()).or_default();
+            k.guessing().then(|| {
+                hashes
+                    .iter()
+                    .map(|h| h.iter().map(|x| Some(!k.contains(*x))).collect())
+                    .collect()
+            })
+        };
+        let t0 = std::time::Instant::now();
+        let mut to_merge = partials.to_vec();
+        let mut copied = 0;
+        if let Some(fresh) = fresh {
+            let filtered = |keep_fresh: bool| -> Result<Vec<RecordBatch>, SinkError> {
+                partials
+                    .iter()
+                    .zip(&fresh)
+                    .map(|(b, m)| {
+                        let m = if keep_fresh {
+                            m.clone()
+                        } else {
+                            not(m).map_err(internal)?
+                        };
+                        filter_record_batch(b, &m).map_err(internal)
+                    })
+                    .filter(|b| !matches!(b, Ok(b) if b.num_rows() == 0))
+                    .collect()
+            };
+            let new = filtered(true)?;
+            let n_new: usize = new.iter().map(RecordBatch::num_rows).sum();
+            if n_new > 0 {
+                sqlx::raw_sql("SAVEPOINT payguard_new_groups")
+                    .execute(&mut **tx)
+                    .await?;
+                let (data, format) = encode_partials(&new, &types)?;
+                let finished = {
+                    let mut copy = tx
+                        .copy_in_raw(&format!(
+                            "COPY {table} ({}) FROM STDIN{format}",
+                            cols.join(", ")
+                        ))
+                        .await?;
+                    match copy.send(data.as_slice()).await {
+                        Ok(_) => copy.finish().await.map(|_| ()),
+                        Err(e) => {
+                            let _ = copy.abort("payguard: sending the new groups failed").await;
+                            Err(e)
+                        }
+                    }
+                };
+                match finished {
+                    Ok(_) => {
+                        sqlx::raw_sql("RELEASE SAVEPOINT payguard_new_groups")
+                            .execute(&mut **tx)
+                            .await?;
+                        to_merge = filtered(false)?;
+                        copied = n_new;
+                    }
+                    // A group guessed new is stored (another writer, or one from before this
+                    // process): undo the COPY alone and merge the whole batch.
+                    Err(sqlx::Error::Database(e))
+                        if e.code().as_deref() == Some(UNIQUE_VIOLATION) =>
+                    {
+                        sqlx::raw_sql("ROLLBACK TO SAVEPOINT payguard_new_groups")
+                            .execute(&mut **tx)
+                            .await?;
+                        self.paths.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        self.pause_guessing(&stage.name);
+                        tracing::debug!(aggregate = %stage.name, detail = e.message(), "new groups were stored: merging them");
+                    }
+                    Err(e) => {
+                        // Whatever failed, the retry of the batch merges it all.
+                        self.pause_guessing(&stage.name);
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        let t_copied = t0.elapsed();
+        let merged: usize = to_merge.iter().map(RecordBatch::num_rows).sum();
+        if merged > 0 {
+            self.merge_staged(tx, stage, &table, &cols, &types, &to_merge)
+                .await?;
+        }
+        self.paths
+            .copied
+            .fetch_add(copied as u64, Ordering::Relaxed);
+        self.paths
+            .merged
+            .fetch_add(merged as u64, Ordering::Relaxed);
+        tracing::debug!(
+            aggregate = %stage.name,
+            copied,
+            merged,
+            copy = ?t_copied,
+            merge = ?(t0.elapsed() - t_copied),
+            "aggregate merge phases"
+        );
+        Ok(hashes.concat())
+    }
+
+    fn pause_guessing(&self, stage: &str) {
+        self.known
+            .lock()
+            .expect("known groups lock")
+            .entry(stage.to_string())
+            .or_default()
+            .pause();
+    }
+
+    /// MERGE groups into the table through its staging table (an existing group adds up, a new
+    /// one is inserted).
+    async fn merge_staged(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        stage: &AggregateStage,
+        table: &str,
+        cols: &[String],
+        types: &Option<Vec<copy::PgType>>,
+        partials: &[RecordBatch],
+    ) -> Result<(), SinkError> {
+        let schema = stage.schema();
+        let staging = format!("payguard_staging_{}", stage.name);
         // Identifiers come from the aggregate file's column aliases and are quoted.
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )))
         .execute(&mut **tx)
         .await?;
-        let t0 = std::time::Instant::now();
-        let mut data = Vec::new();
-        let encode_err = |e: copy::CopyError| SinkError::Internal(e.to_string());
-        let format = match &types {
-            Some(types) => {
-                data.extend_from_slice(copy::BINARY_HEADER);
-                for b in partials {
-                    copy::encode_binary(b, types, &mut data).map_err(encode_err)?;
-                }
-                data.extend_from_slice(copy::BINARY_TRAILER);
-                " WITH (FORMAT binary)"
-            }
-            None => {
-                for b in partials {
-                    copy::encode(b, &mut data).map_err(encode_err)?;
-                }
-                ""
-            }
-        };
+        let (data, format) = encode_partials(partials, types)?;
         let mut copy = tx
             .copy_in_raw(&format!(
                 "COPY {staging} ({}) FROM STDIN{format}",
@@ -414,7 +590,6 @@ impl PgSink {
             .await?;
         copy.send(data.as_slice()).await?;
         copy.finish().await?;
-        let t_staged = t0.elapsed();
         let keys: Vec<String> = stage
             .keys
             .iter()
@@ -472,7 +647,7 @@ impl PgSink {
             // retried and then finds the group.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
                 return Err(SinkError::ConcurrentGroup {
-                    table,
+                    table: table.to_string(),
                     detail: e.message().to_string(),
                 });
             }
@@ -492,13 +667,6 @@ impl PgSink {
             .execute(&mut **tx)
             .await?;
         }
-        tracing::debug!(
-            aggregate = %stage.name,
-            rows = partials.iter().map(|b| b.num_rows()).sum::<usize>(),
-            staged = ?t_staged,
-            merged = ?(t0.elapsed() - t_staged),
-            "aggregate merge phases"
-        );
         Ok(())
     }
 
@@ -605,6 +773,32 @@ fn id_time(b: &RecordBatch) -> (&StringArray, &TimestampMillisecondArray) {
             .downcast_ref::<TimestampMillisecondArray>()
             .expect("event_time"),
     )
+}
+
+/// Partial aggregates as COPY data: binary with the table's column `types`, text without.
+/// Returns the data and the COPY options.
+fn encode_partials(
+    partials: &[RecordBatch],
+    types: &Option<Vec<copy::PgType>>,
+) -> Result<(Vec<u8>, &'static str), SinkError> {
+    let encode_err = |e: copy::CopyError| SinkError::Internal(e.to_string());
+    let mut data = Vec::new();
+    match types {
+        Some(types) => {
+            data.extend_from_slice(copy::BINARY_HEADER);
+            for b in partials {
+                copy::encode_binary(b, types, &mut data).map_err(encode_err)?;
+            }
+            data.extend_from_slice(copy::BINARY_TRAILER);
+            Ok((data, " WITH (FORMAT binary)"))
+        }
+        None => {
+            for b in partials {
+                copy::encode(b, &mut data).map_err(encode_err)?;
+            }
+            Ok((data, ""))
+        }
+    }
 }
 
 /// Turn Nagle's algorithm off on this process's TCP connections to the database `port`.
