@@ -115,12 +115,8 @@ struct Setup {
     sink: Sink,
 }
 
-async fn setup(name: &str) -> Setup {
-    let env = common::TestEnv::new(name, |_| {}).await;
-    let sql = tempfile::tempdir().unwrap();
-    let file = sql.path().join("merge_test.sql");
-    std::fs::write(&file, AGGREGATE).unwrap();
-    let stage = AggregateStage::compile(&file, schema()).await.unwrap();
+/// A PostgreSQL sink on the test's database with the tables of `stages` prepared.
+async fn connect(env: &common::TestEnv, stages: &[AggregateStage]) -> PgSink {
     let config = payguard::config::load(&env.config).unwrap();
     let pg = PgSink::connect(
         &config.postgres,
@@ -129,9 +125,17 @@ async fn setup(name: &str) -> Setup {
     )
     .await
     .unwrap();
-    pg.prepare_aggregates(std::slice::from_ref(&stage))
-        .await
-        .unwrap();
+    pg.prepare_aggregates(stages).await.unwrap();
+    pg
+}
+
+async fn setup(name: &str) -> Setup {
+    let env = common::TestEnv::new(name, |_| {}).await;
+    let sql = tempfile::tempdir().unwrap();
+    let file = sql.path().join("merge_test.sql");
+    std::fs::write(&file, AGGREGATE).unwrap();
+    let stage = AggregateStage::compile(&file, schema()).await.unwrap();
+    let pg = connect(&env, std::slice::from_ref(&stage)).await;
     Setup {
         env,
         _sql: sql,
@@ -144,16 +148,7 @@ async fn setup(name: &str) -> Setup {
 impl Setup {
     /// A second sink on the same database, as another process would be: it knows no group.
     async fn other_sink(&self) -> PgSink {
-        let config = payguard::config::load(&self.env.config).unwrap();
-        let pg = PgSink::connect(
-            &config.postgres,
-            &config.resolve(&config.postgres.migrations),
-            &self.env.pipeline,
-        )
-        .await
-        .unwrap();
-        pg.prepare_aggregates(&self.stages).await.unwrap();
-        pg
+        connect(&self.env, &self.stages).await
     }
 
     async fn sink_batch(&self, seq: u64, rows: &[Row4]) -> SinkBatch {
