@@ -208,6 +208,8 @@ pub struct GenerateSummary {
     pub fraudulent: u64,
     /// Label reports written.
     pub labels: u64,
+    /// The latest simulated event time written (epoch milliseconds), if any.
+    pub last_event_ms: Option<i64>,
 }
 
 impl GenerateSummary {
@@ -295,7 +297,32 @@ pub async fn generate(config: &Config, opts: &GenerateOptions) -> anyhow::Result
         }
     };
     progress.finish(&summary, &sources);
+    warn_if_ahead(config, &summary);
     Ok(summary)
+}
+
+/// Say so when the simulated clock ended further ahead of the wall clock than `engine.max_future`:
+/// `payguard run` dead-letters those events (a producer's clock that far ahead is wrong).
+fn warn_if_ahead(config: &Config, summary: &GenerateSummary) {
+    let Some(last) = summary.last_event_ms else {
+        return;
+    };
+    let limit = chrono::Utc::now().timestamp_millis() + config.engine.max_future_ms();
+    if last > limit {
+        let at = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default()
+        };
+        tracing::warn!(
+            "the simulated clock ended at {}, more than engine.max_future ({}) ahead of the wall \
+             clock: `payguard run` dead-letters the events stamped after {}. Give an earlier \
+             --start-time (or a higher --simulated-tps) to keep them",
+            at(last),
+            config.engine.max_future,
+            at(limit)
+        );
+    }
 }
 
 /// When `generate` stops and how fast it goes.
@@ -404,6 +431,7 @@ async fn generate_files(
         }
         summary.per_source[m.source] += 1;
         summary.fraudulent += m.is_fraud as u64;
+        summary.last_event_ms = summary.last_event_ms.max(Some(m.event_time_ms));
         produced += 1;
         while labels && sim.next_label_into(&mut label_buf).is_some() {
             label_buf.push(b'\n');
@@ -443,6 +471,7 @@ struct KafkaChunk {
     fraudulent: u64,
     per_source: Vec<u64>,
     label_count: u64,
+    last_event_ms: Option<i64>,
 }
 
 /// A Kafka record. Its timestamp is the wall-clock produce time, not the simulated event time
@@ -530,6 +559,7 @@ async fn generate_kafka(
                 fraudulent: 0,
                 per_source: vec![0; n_sources],
                 label_count: 0,
+                last_event_ms: None,
             };
             for _ in 0..n {
                 let mut value = Vec::with_capacity(512);
@@ -543,6 +573,7 @@ async fn generate_kafka(
                 ));
                 c.per_source[m.source] += 1;
                 c.fraudulent += m.is_fraud as u64;
+                c.last_event_ms = c.last_event_ms.max(Some(m.event_time_ms));
                 while let Some(l) = sim.next_label_into(&mut label_buf) {
                     let key = l.transaction_id.as_bytes();
                     let part = kafka::partition_for_key(key, label_partitions);
@@ -589,6 +620,7 @@ async fn generate_kafka(
         done += c.messages;
         summary.fraudulent += c.fraudulent;
         summary.labels += c.label_count;
+        summary.last_event_ms = summary.last_event_ms.max(c.last_event_ms);
         for (s, n) in summary.per_source.iter_mut().zip(&c.per_source) {
             *s += n;
         }

@@ -784,6 +784,18 @@ pub async fn e2e(config: &Config, count: u64, runs: usize) -> Result<E2eBench, B
     // Transactions only: the label stream (a few per thousand transactions) is left out, so the
     // run needs no label topic and kcat reads exactly what the pipeline reads.
     config.labels.enabled = false;
+    // The simulated clock runs at the population's own pace (about 60,000 transactions a
+    // simulated day): start it early enough that every event is in the past, or the run would
+    // dead-letter the tail as "from the future" and measure less.
+    let natural_tps = Simulator::new(
+        &config.simulator,
+        &config.sources,
+        config.simulator.seed,
+        0.0,
+    )?
+    .natural_tps();
+    let span_ms = (count as f64 / natural_tps * 1000.0 * 1.5) as i64 + 86_400_000;
+    let start = chrono::Utc::now() - chrono::Duration::milliseconds(span_ms);
     let opts = GenerateOptions {
         count,
         rate: 0,
@@ -794,7 +806,7 @@ pub async fn e2e(config: &Config, count: u64, runs: usize) -> Result<E2eBench, B
         },
         progress: false,
         duration: None,
-        start_time: None,
+        start_time: Some(start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         speedup: None,
         sources: Vec::new(),
         labels_topic: "payguard.labels".into(),
@@ -861,6 +873,12 @@ pub async fn e2e(config: &Config, count: u64, runs: usize) -> Result<E2eBench, B
             return Err(BenchError::Setup(format!(
                 "the run consumed {} of {messages} messages",
                 summary.messages
+            )));
+        }
+        if summary.dead_letters > 0 {
+            return Err(BenchError::Setup(format!(
+                "the run dead-lettered {} of {messages} messages: the benchmark measures clean input",
+                summary.dead_letters
             )));
         }
     }

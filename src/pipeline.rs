@@ -168,6 +168,7 @@ pub async fn run(
             }
         }
         InputKind::Simulator => {
+            engine.check_stream_future(false);
             let sim = Simulator::with_params(
                 &config.simulator,
                 &config.sources,

@@ -145,6 +145,47 @@ fn demo_runs_the_whole_pipeline_without_any_service() {
     assert!(err.contains("transactions=20000"), "{err}");
 }
 
+/// The demo's simulated clock runs thousands of times faster than the wall clock (20,000
+/// customers at 2,000 transactions/s): started at the wall clock, it is days ahead within
+/// seconds. Its events carry that clock, so they must not be dead-lettered as "from the future".
+#[test]
+fn demo_keeps_running_when_its_simulated_clock_passes_the_wall_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = common::repo();
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
+    let config = std::fs::read_to_string(repo.join("config.toml"))
+        .unwrap()
+        .replace("= \"sql/", &format!("= \"{}/sql/", repo.display()))
+        .replace("= \"models/", &format!("= \"{}/models/", repo.display()))
+        .replace(
+            "start_time = \"2026-11-01T00:00:00Z\"",
+            &format!("start_time = \"{now}\""),
+        );
+    assert!(config.contains(&format!("start_time = \"{now}\"")));
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(common::bin())
+        .args([
+            "demo",
+            "--count",
+            "20000",
+            "--rate",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+            "-c",
+        ])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("messages=20000"), "{err}");
+    assert!(err.contains("transactions=20000"), "{err}");
+    assert!(!err.contains("dead letter"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_writes_every_transaction_with_features_decision_and_labels_to_parquet() {
     let dir = tempfile::tempdir().unwrap();

@@ -281,7 +281,8 @@ pub struct EngineConfig {
     /// seen are evicted (counted in `payguard_entities_evicted_total`).
     #[serde(default = "default_max_entities")]
     pub max_entities: usize,
-    /// Events whose time is more than this ahead of the wall clock are dead-lettered.
+    /// Events whose time is more than this ahead of the wall clock are dead-lettered (Kafka input
+    /// and API requests; not the built-in simulator, whose events carry its own clock).
     #[serde(default = "default_max_future")]
     pub max_future: String,
     /// Model score at or above which a transaction is sent to review (0 ..= 1).

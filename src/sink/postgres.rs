@@ -408,14 +408,14 @@ impl PgSink {
 
     /// Merge a stage's partial aggregates into its table. Groups never seen committed are
     /// COPYed straight in, under a savepoint; the others go through the staging table and a
-    /// MERGE ([`groups`]). Returns the key hashes of every group, to remember once the
+    /// MERGE ([`groups`]). Returns the keys of every group, to remember once the
     /// transaction commits.
     async fn merge_aggregate(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         stage: &AggregateStage,
         partials: &[RecordBatch],
-    ) -> Result<Vec<u64>, SinkError> {
+    ) -> Result<Vec<groups::Key>, SinkError> {
         if partials.iter().all(|b| b.num_rows() == 0) {
             return Ok(Vec::new());
         }
@@ -445,9 +445,9 @@ impl PgSink {
             }
         };
         let internal = |e: ArrowError| SinkError::Internal(e.to_string());
-        let hashes = partials
+        let keys = partials
             .iter()
-            .map(|b| groups::key_hashes(b, &stage.keys))
+            .map(|b| groups::group_keys(b, &stage.keys))
             .collect::<Result<Vec<_>, _>>()
             .map_err(internal)?;
         // Which rows hold groups never seen committed (when guessing is not paused).
@@ -455,8 +455,7 @@ impl PgSink {
             let mut all = self.known.lock().expect("known groups lock");
             let k = all.entry(stage.name.clone()).or_default();
             k.guessing().then(|| {
-                hashes
-                    .iter()
+                keys.iter()
                     .map(|h| h.iter().map(|x| Some(!k.contains(*x))).collect())
                     .collect()
             })
@@ -550,7 +549,7 @@ impl PgSink {
             merge = ?(t0.elapsed() - t_copied),
             "aggregate merge phases"
         );
-        Ok(hashes.concat())
+        Ok(keys.concat())
     }
 
     fn pause_guessing(&self, stage: &str) {
