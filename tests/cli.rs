@@ -123,8 +123,9 @@ fn check_reports_sql_problems_with_file_and_line() {
     );
 }
 
-#[test]
-fn demo_runs_the_whole_pipeline_without_any_service() {
+/// `payguard demo --count 20000 --rate 0` (with `extra` arguments, from the repository): asserts
+/// that all 20,000 messages became transactions and returns the log.
+fn run_demo(extra: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(common::bin())
         .args([
             "demo",
@@ -135,14 +136,21 @@ fn demo_runs_the_whole_pipeline_without_any_service() {
             "--listen",
             "127.0.0.1:0",
         ])
+        .args(extra)
         .current_dir(common::repo())
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
     assert!(err.contains("messages=20000"), "{err}");
     assert!(err.contains("transactions=20000"), "{err}");
+    err
+}
+
+#[test]
+fn demo_runs_the_whole_pipeline_without_any_service() {
+    run_demo(&[]);
 }
 
 /// The demo's simulated clock runs thousands of times faster than the wall clock (20,000
@@ -164,25 +172,7 @@ fn demo_keeps_running_when_its_simulated_clock_passes_the_wall_clock() {
     assert!(config.contains(&format!("start_time = \"{now}\"")));
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(common::bin())
-        .args([
-            "demo",
-            "--count",
-            "20000",
-            "--rate",
-            "0",
-            "--listen",
-            "127.0.0.1:0",
-            "-c",
-        ])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("messages=20000"), "{err}");
-    assert!(err.contains("transactions=20000"), "{err}");
+    let err = run_demo(&["-c".as_ref(), path.as_os_str()]);
     assert!(!err.contains("dead letter"), "{err}");
 }
 
