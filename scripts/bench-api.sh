@@ -8,7 +8,8 @@
 #   scripts/bench-api.sh [path/to/payguard]   (default: target/release/payguard)
 #   RATE=5000 SECONDS_PER_RUN=20 RUNS=3 CONNECTIONS=32 STREAM_RATE=2000 scripts/bench-api.sh
 #
-# Needs oha (`cargo install oha --root ~/.cache/payguard/tools`, found there or on PATH); without
+# Needs oha (`cargo install oha --locked --no-default-features --features native-tls --root
+# ~/.cache/payguard/tools`: Debian's OpenSSL instead of building aws-lc; found there or on PATH); without
 # it, falls back to wrk (Debian `wrk`), which cannot hold a fixed rate: it then reports the
 # latency at the rate the server sustains with CONNECTIONS connections (closed loop).
 set -euo pipefail
@@ -23,7 +24,7 @@ STREAM_RATE="${STREAM_RATE:-2000}"
 OHA="$(command -v oha || echo "$HOME/.cache/payguard/tools/bin/oha")"
 TOOL=oha
 if [[ ! -x "$OHA" ]]; then
-  command -v wrk >/dev/null || { echo "neither oha nor wrk found: cargo install oha --root ~/.cache/payguard/tools" >&2; exit 2; }
+  command -v wrk >/dev/null || { echo "neither oha nor wrk found: cargo install oha --locked --no-default-features --features native-tls --root ~/.cache/payguard/tools" >&2; exit 2; }
   TOOL=wrk
   echo "oha not found: using wrk, closed loop (no fixed rate)"
 fi
