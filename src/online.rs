@@ -285,25 +285,24 @@ pub fn decided_json(b: &RecordBatch) -> Result<Vec<DecidedJson>, String> {
 pub fn batch_json(b: &RecordBatch) -> Result<Vec<Map<String, Value>>, String> {
     let mut rows: Vec<Map<String, Value>> = (0..b.num_rows()).map(|_| Map::new()).collect();
     for (f, c) in b.schema().fields().iter().zip(b.columns()) {
-        let values = match column_json(c)? {
-            Some(v) => v,
-            None => {
-                let one = RecordBatch::try_new(
-                    Arc::new(Schema::new(vec![f.as_ref().clone()])),
-                    vec![c.clone()],
-                )
-                .map_err(|e| e.to_string())?;
-                written_json(&one)?
-                    .into_iter()
-                    .map(|mut r| r.remove(f.name()).unwrap_or(Value::Null))
-                    .collect()
-            }
-        };
-        for (row, v) in rows.iter_mut().zip(values) {
+        for (row, v) in rows.iter_mut().zip(column_values(f, c)?) {
             row.insert(f.name().clone(), v);
         }
     }
     Ok(rows)
+}
+
+/// The values of one column as [`batch_json`] gives them, one per row.
+pub(crate) fn column_values(f: &Field, c: &ArrayRef) -> Result<Vec<Value>, String> {
+    if let Some(v) = column_json(c)? {
+        return Ok(v);
+    }
+    let one = RecordBatch::try_new(Arc::new(Schema::new(vec![f.clone()])), vec![c.clone()])
+        .map_err(|e| e.to_string())?;
+    Ok(written_json(&one)?
+        .into_iter()
+        .map(|mut r| r.remove(f.name()).unwrap_or(Value::Null))
+        .collect())
 }
 
 /// The values of a column as JSON, for the types converted directly; `None` for the others.

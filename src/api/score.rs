@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::{IntoResponse, Response};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
 use serde::Deserialize;
@@ -20,7 +20,7 @@ use crate::config::{FieldConfig, SourceConfig};
 use crate::decode::{JsonDecoder, RawMessage};
 use crate::engine::canonical::{self, CanonicalType, Conformer};
 use crate::engine::online::OnlineInput;
-use crate::online::{ScoreJob, decided_json};
+use crate::online::ScoreJob;
 
 /// Decoder of canonical transactions given as JSON objects (the source-mapping contract's columns).
 #[derive(Debug)]
@@ -211,7 +211,15 @@ pub async fn score(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match score_inner(s, query, body).await {
-        Ok(r) => (StatusCode::OK, Json(r)).into_response(),
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
         Err(f) => f.into_response(),
     }
 }
@@ -220,7 +228,7 @@ async fn score_inner(
     s: ApiState,
     query: Result<Query<ScoreQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<ScoreResponse, Failure> {
+) -> Result<Vec<u8>, Failure> {
     let Query(query) = query.map_err(|e| Failure::bad_request(e.body_text()))?;
     let body = body.map_err(|e| Failure::from_body(&e, s.config.api.max_body_bytes))?;
     let req: ScoreRequest = Failure::parse(&body)?;
@@ -319,11 +327,137 @@ async fn score_inner(
         }
     };
     let decided = reply.map_err(rejection)?;
-    let rows =
-        decided_json(&decided).map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    Ok(ScoreResponse {
-        recorded: req.record,
-        results: rows
+    response_body(&decided, req.record)
+        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+/// The JSON of a [`ScoreResponse`] for these decided rows, byte for byte what serialising one
+/// built from [`crate::online::decided_json`] gives (a test checks it), written straight from
+/// the columns: no map of every column per row, no second map per role. Keys of `features` and
+/// `transaction` come in name order, as serde_json's maps keep them.
+// `row` indexes each column's values, one after the other.
+#[allow(clippy::needless_range_loop)]
+pub fn response_body(decided: &RecordBatch, recorded: bool) -> Result<Vec<u8>, String> {
+    use crate::engine::{DECISION, MODEL_VERSION, RULE_HITS, SCORE};
+    let schema = decided.schema();
+    let n_canonical = canonical::COLUMNS.len();
+    let score_at = schema.index_of(SCORE).map_err(|e| e.to_string())?;
+    let values: Vec<Vec<Value>> = schema
+        .fields()
+        .iter()
+        .zip(decided.columns())
+        .map(|(f, c)| crate::online::column_values(f, c))
+        .collect::<Result<_, _>>()?;
+    let named = |range: std::ops::Range<usize>| -> Vec<usize> {
+        let mut v: Vec<usize> = range.collect();
+        v.sort_by(|a, b| schema.field(*a).name().cmp(schema.field(*b).name()));
+        v
+    };
+    let transaction = named(0..n_canonical.min(values.len()));
+    let features = named(n_canonical.min(score_at)..score_at);
+    let column = |name: &str| schema.index_of(name).ok();
+    let (model_version, decision, rule_hits, id) = (
+        column(MODEL_VERSION),
+        column(DECISION),
+        column(RULE_HITS),
+        transaction
+            .iter()
+            .copied()
+            .find(|i| schema.field(*i).name() == "transaction_id"),
+    );
+    let mut out = Vec::with_capacity(256 + 64 * values.len() * decided.num_rows());
+    let json =
+        |out: &mut Vec<u8>, v: &Value| serde_json::to_writer(out, v).map_err(|e| e.to_string());
+    let object = |out: &mut Vec<u8>, columns: &[usize], row: usize| -> Result<(), String> {
+        out.push(b'{');
+        for (k, i) in columns.iter().enumerate() {
+            if k > 0 {
+                out.push(b',');
+            }
+            json(out, &Value::String(schema.field(*i).name().clone()))?;
+            out.push(b':');
+            json(out, &values[*i][row])?;
+        }
+        out.push(b'}');
+        Ok(())
+    };
+    out.extend_from_slice(if recorded {
+        b"{\"recorded\":true,\"results\":["
+    } else {
+        b"{\"recorded\":false,\"results\":["
+    });
+    let null = Value::Null;
+    for row in 0..decided.num_rows() {
+        if row > 0 {
+            out.push(b',');
+        }
+        let at = |i: Option<usize>| i.map_or(&null, |i| &values[i][row]);
+        out.extend_from_slice(b"{\"transaction_id\":");
+        json(
+            &mut out,
+            &Value::String(at(id).as_str().unwrap_or_default().to_string()),
+        )?;
+        out.extend_from_slice(b",\"decision\":");
+        let decided_as = match at(decision) {
+            Value::String(s) => s.as_str(),
+            _ => "",
+        };
+        json(&mut out, &Value::String(decided_as.to_string()))?;
+        out.extend_from_slice(b",\"score\":");
+        json(&mut out, &values[score_at][row])?;
+        out.extend_from_slice(b",\"model_version\":");
+        json(&mut out, at(model_version))?;
+        out.extend_from_slice(b",\"rule_hits\":");
+        match rule_hits.map(|i| &values[i][row]) {
+            Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+                Ok(v) => json(&mut out, &v)?,
+                Err(_) => json(&mut out, &Value::String(s.clone()))?,
+            },
+            Some(v) => json(&mut out, v)?,
+            None => out.extend_from_slice(b"[]"),
+        }
+        out.extend_from_slice(b",\"features\":");
+        object(&mut out, &features, row)?;
+        out.extend_from_slice(b",\"transaction\":");
+        object(&mut out, &transaction, row)?;
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    Ok(out)
+}
+
+fn rejection(reasons: Vec<(Option<usize>, String)>) -> Failure {
+    let summary = match reasons.as_slice() {
+        [(Some(i), r)] => format!("transaction {i}: {r}"),
+        [(None, r)] => r.clone(),
+        many => format!("{} transactions are invalid", many.len()),
+    };
+    Failure::unprocessable(summary).with_details(Value::Array(
+        reasons
+            .into_iter()
+            .map(|(i, r)| json!({ "index": i, "reason": r }))
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{
+        ArrayRef, Decimal128Array, Float32Array, Float64Array, Int64Array, StringArray,
+        TimestampMillisecondArray,
+    };
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+    use super::*;
+    use crate::engine::{DECISION, MODEL_VERSION, RULE_HITS, SCORE};
+    use crate::online::decided_json;
+
+    /// The response as it was built before `response_body`: maps per row, then serde.
+    fn through_maps(decided: &RecordBatch, recorded: bool) -> Vec<u8> {
+        let results = decided_json(decided)
+            .unwrap()
             .into_iter()
             .map(|r| ScoreResult {
                 transaction_id: r
@@ -339,20 +473,141 @@ async fn score_inner(
                 features: r.features,
                 transaction: r.transaction,
             })
-            .collect(),
-    })
-}
+            .collect();
+        serde_json::to_vec(&ScoreResponse { recorded, results }).unwrap()
+    }
 
-fn rejection(reasons: Vec<(Option<usize>, String)>) -> Failure {
-    let summary = match reasons.as_slice() {
-        [(Some(i), r)] => format!("transaction {i}: {r}"),
-        [(None, r)] => r.clone(),
-        many => format!("{} transactions are invalid", many.len()),
-    };
-    Failure::unprocessable(summary).with_details(Value::Array(
-        reasons
-            .into_iter()
-            .map(|(i, r)| json!({ "index": i, "reason": r }))
-            .collect(),
-    ))
+    fn decided() -> RecordBatch {
+        let n = 3;
+        let mut fields = Vec::new();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for (i, (name, kind, _, _)) in canonical::COLUMNS.iter().enumerate() {
+            let (t, c): (DataType, ArrayRef) = match kind {
+                CanonicalType::Text => (
+                    DataType::Utf8,
+                    Arc::new(StringArray::from(vec![
+                        Some(format!("{name}-\"é\\\n{i}")),
+                        None,
+                        Some(name.to_string()),
+                    ])),
+                ),
+                CanonicalType::Time => (
+                    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                    Arc::new(
+                        TimestampMillisecondArray::from(vec![
+                            Some(1_762_000_003_740),
+                            None,
+                            Some(-1),
+                        ])
+                        .with_timezone("UTC"),
+                    ),
+                ),
+                CanonicalType::Money => (
+                    DataType::Decimal128(18, 2),
+                    Arc::new(
+                        Decimal128Array::from(vec![Some(4210), None, Some(-5)])
+                            .with_precision_and_scale(18, 2)
+                            .unwrap(),
+                    ),
+                ),
+                CanonicalType::Coordinate => (
+                    DataType::Float64,
+                    Arc::new(Float64Array::from(vec![Some(-23.55), Some(f64::NAN), None])),
+                ),
+            };
+            fields.push(Field::new(*name, t, true));
+            columns.push(c);
+        }
+        // Features, not in name order, of each kind the engine writes (Float32 goes through
+        // Arrow's writer).
+        let features: Vec<(&str, ArrayRef)> = vec![
+            (
+                "z_sum",
+                Arc::new(
+                    Decimal128Array::from(vec![Some(123_456), Some(0), None])
+                        .with_precision_and_scale(20, 2)
+                        .unwrap(),
+                ),
+            ),
+            (
+                "a_count",
+                Arc::new(Int64Array::from(vec![Some(3), None, Some(i64::MIN)])),
+            ),
+            (
+                "m_ratio",
+                Arc::new(Float64Array::from(vec![
+                    Some(0.1),
+                    Some(f64::INFINITY),
+                    Some(1e-7),
+                ])),
+            ),
+            (
+                "b_f32",
+                Arc::new(Float32Array::from(vec![Some(0.1f32), None, Some(-0.0)])),
+            ),
+        ];
+        for (name, c) in features {
+            fields.push(Field::new(name, c.data_type().clone(), true));
+            columns.push(c);
+        }
+        let tail: Vec<(&str, ArrayRef)> = vec![
+            (
+                SCORE,
+                Arc::new(Float64Array::from(vec![Some(0.93), None, Some(f64::NAN)])),
+            ),
+            (
+                MODEL_VERSION,
+                Arc::new(StringArray::from(vec![Some("m-1"), None, Some("m-1")])),
+            ),
+            (
+                DECISION,
+                Arc::new(StringArray::from(vec![
+                    Some("decline"),
+                    Some("approve"),
+                    None,
+                ])),
+            ),
+            (
+                RULE_HITS,
+                Arc::new(StringArray::from(vec![
+                    Some(r#"[{"rule":"r1","severity":"high","reason":"x \"y\""}]"#),
+                    Some("[]"),
+                    Some("not json"),
+                ])),
+            ),
+            (
+                "explanation",
+                Arc::new(StringArray::from(vec![Some("{}"), None, None])),
+            ),
+        ];
+        for (name, c) in tail {
+            fields.push(Field::new(name, c.data_type().clone(), true));
+            columns.push(c);
+        }
+        let b = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        assert_eq!(b.num_rows(), n);
+        b
+    }
+
+    #[test]
+    fn the_direct_response_is_what_the_maps_serialised_to() {
+        let b = decided();
+        for recorded in [false, true] {
+            let direct = response_body(&b, recorded).unwrap();
+            assert_eq!(
+                String::from_utf8(direct).unwrap(),
+                String::from_utf8(through_maps(&b, recorded)).unwrap()
+            );
+        }
+        for (at, len) in [(0, 1), (1, 2), (0, 0)] {
+            let s = b.slice(at, len);
+            assert_eq!(response_body(&s, true).unwrap(), through_maps(&s, true));
+        }
+        let v: Value = serde_json::from_slice(&response_body(&b, false).unwrap()).unwrap();
+        assert_eq!(v["results"][0]["transaction"]["amount"], "42.10");
+        assert_eq!(v["results"][0]["rule_hits"][0]["rule"], "r1");
+        assert_eq!(v["results"][2]["rule_hits"], "not json");
+        assert_eq!(v["results"][2]["decision"], "");
+        assert!(v["results"][0].get("explanation").is_none());
+    }
 }
