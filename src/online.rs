@@ -259,10 +259,7 @@ pub fn decided_json(b: &RecordBatch) -> Result<Vec<DecidedJson>, String> {
                     features.insert(name.clone(), row.remove(name).unwrap_or(Value::Null));
                 }
             }
-            let rule_hits = match row.remove(RULE_HITS) {
-                Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
-                other => other.unwrap_or(Value::Array(vec![])),
-            };
+            let rule_hits = rule_hits_json(row.get(RULE_HITS));
             DecidedJson {
                 transaction,
                 features,
@@ -276,6 +273,18 @@ pub fn decided_json(b: &RecordBatch) -> Result<Vec<DecidedJson>, String> {
             }
         })
         .collect())
+}
+
+/// The `rule_hits` of a decided row as JSON: the column holds JSON text, parsed (kept as a string
+/// if it is not JSON); `[]` without the column.
+pub(crate) fn rule_hits_json(v: Option<&Value>) -> Value {
+    match v {
+        Some(Value::String(s)) => {
+            serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
+        }
+        Some(v) => v.clone(),
+        None => Value::Array(vec![]),
+    }
 }
 
 /// Every row of a batch as a JSON object with every column (nulls explicit); decimals as exact

@@ -368,13 +368,16 @@ pub fn response_body(decided: &RecordBatch, recorded: bool) -> Result<Vec<u8>, S
     let mut out = Vec::with_capacity(256 + 64 * values.len() * decided.num_rows());
     let json =
         |out: &mut Vec<u8>, v: &Value| serde_json::to_writer(out, v).map_err(|e| e.to_string());
+    // A text as JSON, written like `Value::String` is, without allocating one.
+    let text =
+        |out: &mut Vec<u8>, t: &str| serde_json::to_writer(out, t).map_err(|e| e.to_string());
     let object = |out: &mut Vec<u8>, columns: &[usize], row: usize| -> Result<(), String> {
         out.push(b'{');
         for (k, i) in columns.iter().enumerate() {
             if k > 0 {
                 out.push(b',');
             }
-            json(out, &Value::String(schema.field(*i).name().clone()))?;
+            text(out, schema.field(*i).name())?;
             out.push(b':');
             json(out, &values[*i][row])?;
         }
@@ -393,29 +396,22 @@ pub fn response_body(decided: &RecordBatch, recorded: bool) -> Result<Vec<u8>, S
         }
         let at = |i: Option<usize>| i.map_or(&null, |i| &values[i][row]);
         out.extend_from_slice(b"{\"transaction_id\":");
-        json(
-            &mut out,
-            &Value::String(at(id).as_str().unwrap_or_default().to_string()),
-        )?;
+        text(&mut out, at(id).as_str().unwrap_or_default())?;
         out.extend_from_slice(b",\"decision\":");
         let decided_as = match at(decision) {
             Value::String(s) => s.as_str(),
             _ => "",
         };
-        json(&mut out, &Value::String(decided_as.to_string()))?;
+        text(&mut out, decided_as)?;
         out.extend_from_slice(b",\"score\":");
         json(&mut out, &values[score_at][row])?;
         out.extend_from_slice(b",\"model_version\":");
         json(&mut out, at(model_version))?;
         out.extend_from_slice(b",\"rule_hits\":");
-        match rule_hits.map(|i| &values[i][row]) {
-            Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-                Ok(v) => json(&mut out, &v)?,
-                Err(_) => json(&mut out, &Value::String(s.clone()))?,
-            },
-            Some(v) => json(&mut out, v)?,
-            None => out.extend_from_slice(b"[]"),
-        }
+        json(
+            &mut out,
+            &crate::online::rule_hits_json(rule_hits.map(|i| &values[i][row])),
+        )?;
         out.extend_from_slice(b",\"features\":");
         object(&mut out, &features, row)?;
         out.extend_from_slice(b",\"transaction\":");
