@@ -1,9 +1,10 @@
 //! Decoding: raw message bytes of one source -> one Arrow [`RecordBatch`] (arrow-json decoder, schema
 //! from the source's `fields`), and a [`DeadLetter`] for every message that cannot be decoded.
 //!
-//! The fast path decodes the whole micro-batch in one pass. When that fails, the messages are
-//! bisected until each bad one is isolated, so a single malformed message costs O(log n) extra
-//! passes and never the rest of the batch. Every message ends either as exactly one row or as exactly
+//! Most messages take the fast path ([`flat`]): one pass over a flat object straight into the
+//! columns. The messages it declines go to arrow-json, which decodes a run of them in one pass;
+//! when that fails, the run is bisected until each bad one is isolated, so a single malformed
+//! message costs O(log n) extra passes and never the rest of the batch. Every message ends either as exactly one row or as exactly
 //! one dead letter, with its raw bytes, topic, partition, offset and a reason.
 //!
 //! Two columns are appended to each decoded batch: `_partition` (Int32) and `_offset` (Int64), the
@@ -18,6 +19,8 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
 
 use crate::config::{FieldConfig, SourceConfig};
+
+mod flat;
 
 /// Name of the appended partition column.
 pub const PARTITION_COLUMN: &str = "_partition";
@@ -135,6 +138,9 @@ pub fn json_schema(fields: &[FieldConfig], source_name: &str) -> Result<SchemaRe
     Ok(Arc::new(Schema::new(fields)))
 }
 
+/// Most digits of an exact number (money, integers) in a message, leading and trailing zeros
+/// included; a Decimal128 has at most 38 significant ones.
+const MAX_NUMBER_DIGITS: usize = 100;
 /// Digits of a Decimal128.
 const MAX_DIGITS: i8 = 38;
 /// Extra decimals of the wire type of an integer field (so that `3.5` is seen, not truncated).
@@ -352,6 +358,8 @@ pub struct JsonDecoder {
     /// The exact fields (decimals and integers) as text, checked before arrow parses them; `None`
     /// without such fields.
     text_schema: Option<SchemaRef>,
+    /// The fast path's plan of `json_schema`; `None` sends every message through arrow-json.
+    flat: Option<flat::Plan>,
 }
 
 /// Result of decoding a micro-batch of one source.
@@ -392,7 +400,6 @@ impl JsonDecoder {
         Ok(Self {
             source_name: source.name.clone(),
             topic: source.topic.clone(),
-            json_schema,
             wire_schema,
             output_schema: Arc::new(Schema::new(out)),
             required: source
@@ -403,6 +410,8 @@ impl JsonDecoder {
                 .collect(),
             max_message_bytes,
             text_schema,
+            flat: flat::Plan::new(&json_schema),
+            json_schema,
         })
     }
 
@@ -419,15 +428,39 @@ impl JsonDecoder {
     /// Decode a micro-batch. Never fails on bad input: bad messages become dead letters.
     pub fn decode(&self, messages: &[RawMessage]) -> Result<Decoded, DecodeError> {
         let mut dead_letters = Vec::new();
-        let mut candidates: Vec<&RawMessage> = Vec::with_capacity(messages.len());
+        let mut parts = Vec::new();
+        let mut rows = self.flat.as_ref().map(|p| flat::Rows::new(p, messages.len()));
+        // Messages of the rows read by the fast path, and the run declined since, in order.
+        let (mut read, mut declined) = (Vec::new(), Vec::new());
         for m in messages {
-            match self.precheck(m) {
-                Ok(()) => candidates.push(m),
-                Err(reason) => dead_letters.push(self.dead(m, reason)),
+            let plain = match self.precheck(m) {
+                Ok(plain) => plain,
+                Err(reason) => {
+                    dead_letters.push(self.dead(m, reason));
+                    continue;
+                }
+            };
+            let value = m.value.as_deref().unwrap_or_default();
+            if let Some(rows) = rows.as_mut().filter(|_| plain)
+                && rows.push(value)
+            {
+                if !declined.is_empty() {
+                    self.decode_bisect(&declined, &mut parts, &mut dead_letters);
+                    declined.clear();
+                }
+                read.push(m);
+            } else {
+                if let Some(rows) = rows.as_mut().filter(|r| r.len() > 0) {
+                    parts.push(self.flat_batch(rows, &read)?);
+                    read.clear();
+                }
+                declined.push(m);
             }
         }
-        let mut parts = Vec::new();
-        self.decode_bisect(&candidates, &mut parts, &mut dead_letters);
+        if let Some(rows) = rows.as_mut().filter(|r| r.len() > 0) {
+            parts.push(self.flat_batch(rows, &read)?);
+        }
+        self.decode_bisect(&declined, &mut parts, &mut dead_letters);
         let batch = if parts.is_empty() {
             RecordBatch::new_empty(self.output_schema.clone())
         } else if parts.len() == 1 {
@@ -456,7 +489,33 @@ impl JsonDecoder {
         }
     }
 
-    fn precheck(&self, m: &RawMessage) -> Result<(), String> {
+    /// The batch of the rows the fast path read from `msgs`.
+    fn flat_batch(
+        &self,
+        rows: &mut flat::Rows,
+        msgs: &[&RawMessage],
+    ) -> Result<RecordBatch, DecodeError> {
+        let mut columns = rows.finish();
+        columns.extend(self.position_columns(msgs));
+        RecordBatch::try_new(self.output_schema.clone(), columns).map_err(|source| {
+            DecodeError::Arrow {
+                source_name: self.source_name.clone(),
+                source,
+            }
+        })
+    }
+
+    /// `_partition` and `_offset` of `msgs`.
+    fn position_columns(&self, msgs: &[&RawMessage]) -> [ArrayRef; 2] {
+        [
+            Arc::new(Int32Array::from_iter_values(msgs.iter().map(|m| m.partition))),
+            Arc::new(Int64Array::from_iter_values(msgs.iter().map(|m| m.offset))),
+        ]
+    }
+
+    /// Refuse what no JSON decoding can take; `Ok(true)` if the fast path may read the message
+    /// (it holds no backslash, so no escape).
+    fn precheck(&self, m: &RawMessage) -> Result<bool, String> {
         let Some(v) = &m.value else {
             return Err("message has no value (tombstone)".into());
         };
@@ -491,7 +550,7 @@ impl JsonDecoder {
                 "NUL character (\\u0000) in a string at byte {at}: PostgreSQL text cannot hold it"
             ));
         }
-        Ok(())
+        Ok(!backslash)
     }
 
     /// Decode all of `msgs` at once; on failure split in halves, down to single messages.
@@ -538,6 +597,14 @@ impl JsonDecoder {
                         if !is_number_text(t) {
                             return Err(format!("field {}: {t:?} is not a number", f.name()));
                         }
+                        // arrow-cast 59 counts a decimal's digits in a u8: past 255 the count
+                        // wraps and the value with it (`parse_decimal`), so refuse first.
+                        if t.bytes().filter(u8::is_ascii_digit).count() > MAX_NUMBER_DIGITS {
+                            return Err(format!(
+                                "field {}: a number of more than {MAX_NUMBER_DIGITS} digits",
+                                f.name()
+                            ));
+                        }
                     }
                 }
             }
@@ -562,12 +629,7 @@ impl JsonDecoder {
         for (c, f) in batch.columns().iter().zip(self.json_schema.fields()) {
             columns.push(narrow(c, f)?);
         }
-        columns.push(Arc::new(Int32Array::from_iter_values(
-            msgs.iter().map(|m| m.partition),
-        )));
-        columns.push(Arc::new(Int64Array::from_iter_values(
-            msgs.iter().map(|m| m.offset),
-        )));
+        columns.extend(self.position_columns(msgs));
         RecordBatch::try_new(self.output_schema.clone(), columns).map_err(|e| e.to_string())
     }
 
@@ -883,6 +945,208 @@ mod tests {
                 proptest::prop_assert!((amounts.value(i) as f64 / 100.0 - parsed).abs() < 1e-6 * parsed.abs().max(1.0), "{} vs {}", amounts.value(i), text);
             }
         }
+    }
+
+    /// A source with a field of every type the config offers.
+    fn every_type() -> SourceConfig {
+        let mut src = source();
+        for (name, t) in [
+            ("n", "int32"),
+            ("cents", "int64"),
+            ("x", "float64"),
+            ("ok", "boolean"),
+            ("small", "decimal(5,3)"),
+            ("at", "timestamp"),
+        ] {
+            src.fields.push(FieldConfig {
+                name: name.into(),
+                data_type: t.into(),
+                required: false,
+            });
+        }
+        src
+    }
+
+    /// JSON texts of values in the forms producers write, and in the forms the fast path
+    /// declines or that are no JSON at all.
+    fn json_value() -> impl proptest::prelude::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let number = "-?(0|[1-9][0-9]{0,20})(\\.[0-9]{0,5})?([eE][+-]?[0-9]{1,3})?";
+        let odd_number = "[+-]?[0-9.eE+-]{1,8}";
+        prop_oneof![
+            "\"[a-zA-Z0-9 _.:-]{0,10}\"",
+            number,
+            number.prop_map(|n| format!("\"{n}\"")),
+            odd_number,
+            odd_number.prop_map(|n| format!("\"{n}\"")),
+            (-2_000_000_000_000i64..5_000_000_000_000, 0usize..11, 0usize..4).prop_map(
+                |(ms, digits, style)| {
+                    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+                    let mut s = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+                    if digits > 0 {
+                        let f = format!("{:09}", t.timestamp_subsec_nanos());
+                        s.push('.');
+                        s.push_str(&f[..digits.min(9)]);
+                        s.push_str(&"7".repeat(digits.saturating_sub(9)));
+                    }
+                    s.push_str(["Z", "Z", "+01:00", "z"][style]);
+                    format!("\"{s}\"")
+                }
+            ),
+            "\"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,3})?Z?\"",
+            (any::<i64>(), 0u32..4).prop_map(|(v, shift)| (v >> (shift * 16)).to_string()),
+            any::<f64>().prop_map(|v| v.to_string()),
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("tru".to_string()),
+            Just("nullx".to_string()),
+            Just("[1,2]".to_string()),
+            Just("{\"a\":1}".to_string()),
+            Just("\"a\tb\nc\"".to_string()),
+            Just("\"é€😀\"".to_string()),
+        ]
+    }
+
+    /// Members of [`every_type`] with values of their field's type (most in the forms the fast
+    /// path takes, some at its edges), now and then any value, in any order.
+    fn typed_members() -> impl proptest::prelude::Strategy<Value = Vec<(&'static str, String)>> {
+        use proptest::prelude::*;
+        let timestamp = prop_oneof![
+            (-2_000_000_000_000i64..5_000_000_000_000, 0usize..10).prop_map(|(ms, digits)| {
+                let t = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+                let f = format!("{:09}", t.timestamp_subsec_nanos() + (ms as u32 % 1000) * 7);
+                let fraction = if digits == 0 { String::new() } else { format!(".{}", &f[..digits]) };
+                format!("\"{}{fraction}Z\"", t.format("%Y-%m-%dT%H:%M:%S"))
+            }),
+            (-2_000_000_000_000i64..5_000_000_000_000).prop_map(|ms| ms.to_string()),
+        ];
+        let field = |name: &'static str, value: BoxedStrategy<String>| {
+            prop_oneof![
+                12 => value.prop_map(move |v| Some((name, v))),
+                1 => json_value().prop_map(move |v| Some((name, v))),
+                1 => Just(None),
+            ]
+        };
+        let text = "\"[a-zA-Z0-9 _.:\t-]{0,10}\"".boxed();
+        let money = ("-?(0|[1-9][0-9]{0,15})(\\.[0-9]{1,2})?", any::<bool>())
+            .prop_map(|(n, quoted)| if quoted { format!("\"{n}\"") } else { n })
+            .boxed();
+        let small = ("-?[0-9]{1,2}(\\.[0-9]{1,3})?", any::<bool>())
+            .prop_map(|(n, quoted)| if quoted { format!("\"{n}\"") } else { n })
+            .boxed();
+        (
+            field("id", text.clone()),
+            field("amount", money),
+            field("ts", timestamp.clone().boxed()),
+            field("note", prop_oneof![text, Just("null".to_string())].boxed()),
+            field("n", any::<i32>().prop_map(|v| v.to_string()).boxed()),
+            field("cents", (any::<i64>(), 4u32..60).prop_map(|(v, s)| (v >> s).to_string()).boxed()),
+            field(
+                "x",
+                (any::<f64>(), -30i32..30, any::<bool>())
+                    .prop_map(|(v, e, sci)| {
+                        let v = if v.is_finite() { v } else { 0.5 } * 10f64.powi(e);
+                        if sci { format!("{v:e}") } else { v.to_string() }
+                    })
+                    .boxed(),
+            ),
+            field("ok", any::<bool>().prop_map(|b| b.to_string()).boxed()),
+            field("small", small),
+            field("at", timestamp.boxed()),
+        )
+            .prop_map(|(a, b, c, d, e, f, g, h, i, j)| {
+                [a, b, c, d, e, f, g, h, i, j].into_iter().flatten().collect::<Vec<_>>()
+            })
+            .prop_shuffle()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The fast path gives exactly the rows and dead letters of arrow-json alone, whatever
+        /// the fields, their forms, order, whitespace, duplicates, unknown keys and trailing bytes.
+        #[test]
+        fn the_fast_path_decodes_as_arrow_json_does(
+            messages in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::collection::vec(
+                            (
+                                proptest::sample::select(vec![
+                                    "id", "amount", "ts", "note", "n", "cents", "x", "ok",
+                                    "small", "at", "ID", "zz", "",
+                                ]),
+                                json_value(),
+                            ),
+                            0..14,
+                        ),
+                        typed_members(),
+                    ],
+                    proptest::sample::select(vec!["", " ", "\n", "\t ", "\r\n"]),
+                    proptest::sample::select(vec!["", "", "", " ", "\n", "x", "{}", ","]),
+                    proptest::prelude::any::<bool>(),
+                ),
+                1..30,
+            )
+        ) {
+            let src = every_type();
+            let fast = JsonDecoder::new(&src, 1000).unwrap();
+            let mut arrow_only = fast.clone();
+            arrow_only.flat = None;
+            let msgs: Vec<RawMessage> = messages
+                .iter()
+                .enumerate()
+                .map(|(i, (members, ws, tail, complete))| {
+                    // Mostly the required fields with values of their type, so that rows come out.
+                    let mut members = members.clone();
+                    if *complete {
+                        for (k, v) in [
+                            ("ts", "\"2026-11-01T00:00:00.125Z\"".to_string()),
+                            ("amount", "\"10.05\"".into()),
+                            ("id", format!("\"m{i}\"")),
+                        ] {
+                            if !members.iter().any(|m| m.0 == k) {
+                                members.insert(0, (k, v));
+                            }
+                        }
+                    }
+                    let body = members
+                        .iter()
+                        .map(|(k, v)| format!("{ws}\"{k}\"{ws}:{ws}{v}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    msg(i as i64, format!("{ws}{{{body}{ws}}}{tail}").as_bytes())
+                })
+                .collect();
+            let got = fast.decode(&msgs).unwrap();
+            let want = arrow_only.decode(&msgs).unwrap();
+            proptest::prop_assert_eq!(&got.batch, &want.batch);
+            proptest::prop_assert_eq!(&got.dead_letters, &want.dead_letters);
+        }
+    }
+
+    #[test]
+    fn producers_messages_take_the_fast_path() {
+        let d = JsonDecoder::new(&every_type(), 1000).unwrap();
+        let plan = d.flat.as_ref().unwrap();
+        let mut rows = flat::Rows::new(plan, 4);
+        for m in [
+            &br#"{"id":"a","amount":"31.88","ts":"2026-11-01T00:00:01.668Z","x":-20.0104,"ok":false,"is_fraud":false,"fraud_scenario":null}"#[..],
+            br#"{"ts":1793491219806,"amount":12189.96,"id":"b","cents":41431,"n":-7,"small":"12.5","at":null}"#,
+            b" { \"id\" : \"c\" , \"amount\" : 0 , \"ts\" : \"2026-11-01T00:00:00Z\" }\n",
+        ] {
+            assert!(rows.push(m), "{}", String::from_utf8_lossy(m));
+        }
+        for m in [
+            &br#"{"id":"a","amount":"1.234","ts":1}"#[..],
+            br#"{"id":"a","amount":"1","ts":1,"nested":{"k":1}}"#,
+            br#"{"id":"a","amount":"1","ts":1,"id":"b"}"#,
+            br#"{"amount":"1","ts":1}"#,
+        ] {
+            assert!(!rows.push(m), "{}", String::from_utf8_lossy(m));
+        }
+        assert_eq!(rows.len(), 3);
     }
 
     proptest::proptest! {
