@@ -3,7 +3,9 @@
 # --rate), and `oha` sends single-transaction POST /v1/score requests (record=false, a card of
 # the live stream) at a fixed rate, with latency correction (no coordinated omission). The
 # baseline, measured in the same run at the same rate, is GET /health/live (HTTP alone). Reports
-# the median over RUNS runs of p50/p99/p99.9 and the achieved rate, and the ratio to the baseline.
+# the median over RUNS runs of p50/p99/p99.9 and the achieved rate, and the ratio to the baseline,
+# and the CPU time the payguard process spent per request in each (stream included; read from
+# /proc, so steadier than the tail latency on a noisy machine).
 #
 #   scripts/bench-api.sh [path/to/payguard]   (default: target/release/payguard)
 #   RATE=5000 SECONDS_PER_RUN=20 RUNS=3 CONNECTIONS=32 STREAM_RATE=2000 scripts/bench-api.sh
@@ -112,16 +114,26 @@ print(f'{pct["50"]:.3f} {pct["99"]:.3f} nan {rps:.0f} {(total - bad) / total:.4f
 PY
 }
 
+# CPU seconds (user + system) the demo process has used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$pid/stat"; }
+# Run a load (name, runner args...), print its figures and the process CPU µs per request.
+measured() {
+  local c0 c1 out
+  c0="$(cpu)"; out="$("$@")"; c1="$(cpu)"
+  python3 -c 'import sys; c0, c1, rps, secs = map(float, sys.argv[1:5]); print(f"{sys.argv[5]} {(c1 - c0) * 1e6 / max(rps * secs, 1):.0f}")' \
+    "$c0" "$c1" "$(echo "$out" | cut -d' ' -f4)" "$SECS" "$out"
+}
+
 echo "stream: demo simulator at $STREAM_RATE msg/s; load: $RATE req/s, $CONN connections, ${SECS}s x $RUNS runs"
-echo "run kind    p50_ms p99_ms p99.9_ms req/s ok_share"
+echo "run kind    p50_ms p99_ms p99.9_ms req/s ok_share cpu_us_per_req"
 : > "$work/score.txt"; : > "$work/live.txt"
 for i in $(seq 1 "$RUNS"); do
   if [[ "$TOOL" == oha ]]; then
-    l="$(run_oha live "http://$addr/health/live")"
-    s="$(run_oha score -m POST -H 'content-type: application/json' -Z "$work/bodies.jsonl" "http://$addr/v1/score")"
+    l="$(measured run_oha live "http://$addr/health/live")"
+    s="$(measured run_oha score -m POST -H 'content-type: application/json' -Z "$work/bodies.jsonl" "http://$addr/v1/score")"
   else
-    l="$(run_wrk live "http://$addr/health/live")"
-    s="$(run_wrk score "http://$addr/v1/score" "$work/body.json")"
+    l="$(measured run_wrk live "http://$addr/health/live")"
+    s="$(measured run_wrk score "http://$addr/v1/score" "$work/body.json")"
   fi
   echo "$i live     $l"; echo "$l" >> "$work/live.txt"
   echo "$i score    $s"; echo "$s" >> "$work/score.txt"
@@ -132,8 +144,8 @@ def med(path):
     rows = [list(map(float, l.split())) for l in open(path) if l.strip()]
     return [statistics.median(c) for c in zip(*rows)]
 s, l = med(sys.argv[1]), med(sys.argv[2])
-print(f"median  score: p50 {s[0]:.3f} ms, p99 {s[1]:.3f} ms, p99.9 {s[2]:.3f} ms, {s[3]:.0f} req/s, {s[4]*100:.2f}% 200")
-print(f"median  live : p50 {l[0]:.3f} ms, p99 {l[1]:.3f} ms, p99.9 {l[2]:.3f} ms, {l[3]:.0f} req/s")
+print(f"median  score: p50 {s[0]:.3f} ms, p99 {s[1]:.3f} ms, p99.9 {s[2]:.3f} ms, {s[3]:.0f} req/s, {s[4]*100:.2f}% 200, {s[5]:.0f} µs CPU a request")
+print(f"median  live : p50 {l[0]:.3f} ms, p99 {l[1]:.3f} ms, p99.9 {l[2]:.3f} ms, {l[3]:.0f} req/s, {l[5]:.0f} µs CPU a request")
 print(f"ratio   score/live p99: {s[1]/l[1]:.1f}x; target p99 < 2 ms: {'met' if s[1] < 2 and s[4] > 0.999 else 'NOT met'}")
 PY
 grep -o 'batches=[0-9]*' "$log" | tail -1 || true
