@@ -429,7 +429,10 @@ impl JsonDecoder {
     pub fn decode(&self, messages: &[RawMessage]) -> Result<Decoded, DecodeError> {
         let mut dead_letters = Vec::new();
         let mut parts = Vec::new();
-        let mut rows = self.flat.as_ref().map(|p| flat::Rows::new(p, messages.len()));
+        let mut rows = self
+            .flat
+            .as_ref()
+            .map(|p| flat::Rows::new(p, messages.len()));
         // Messages of the rows read by the fast path, and the run declined since, in order.
         let (mut read, mut declined) = (Vec::new(), Vec::new());
         for m in messages {
@@ -508,7 +511,9 @@ impl JsonDecoder {
     /// `_partition` and `_offset` of `msgs`.
     fn position_columns(&self, msgs: &[&RawMessage]) -> [ArrayRef; 2] {
         [
-            Arc::new(Int32Array::from_iter_values(msgs.iter().map(|m| m.partition))),
+            Arc::new(Int32Array::from_iter_values(
+                msgs.iter().map(|m| m.partition),
+            )),
             Arc::new(Int64Array::from_iter_values(msgs.iter().map(|m| m.offset))),
         ]
     }
@@ -979,8 +984,12 @@ mod tests {
             number.prop_map(|n| format!("\"{n}\"")),
             odd_number,
             odd_number.prop_map(|n| format!("\"{n}\"")),
-            (-2_000_000_000_000i64..5_000_000_000_000, 0usize..11, 0usize..4).prop_map(
-                |(ms, digits, style)| {
+            (
+                -2_000_000_000_000i64..5_000_000_000_000,
+                0usize..11,
+                0usize..4
+            )
+                .prop_map(|(ms, digits, style)| {
                     let t = chrono::DateTime::from_timestamp_millis(ms).unwrap();
                     let mut s = t.format("%Y-%m-%dT%H:%M:%S").to_string();
                     if digits > 0 {
@@ -991,8 +1000,7 @@ mod tests {
                     }
                     s.push_str(["Z", "Z", "+01:00", "z"][style]);
                     format!("\"{s}\"")
-                }
-            ),
+                }),
             "\"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,3})?Z?\"",
             (any::<i64>(), 0u32..4).prop_map(|(v, shift)| (v >> (shift * 16)).to_string()),
             any::<f64>().prop_map(|v| v.to_string()),
@@ -1016,7 +1024,11 @@ mod tests {
             (-2_000_000_000_000i64..5_000_000_000_000, 0usize..10).prop_map(|(ms, digits)| {
                 let t = chrono::DateTime::from_timestamp_millis(ms).unwrap();
                 let f = format!("{:09}", t.timestamp_subsec_nanos() + (ms as u32 % 1000) * 7);
-                let fraction = if digits == 0 { String::new() } else { format!(".{}", &f[..digits]) };
+                let fraction = if digits == 0 {
+                    String::new()
+                } else {
+                    format!(".{}", &f[..digits])
+                };
                 format!("\"{}{fraction}Z\"", t.format("%Y-%m-%dT%H:%M:%S"))
             }),
             (-2_000_000_000_000i64..5_000_000_000_000).prop_map(|ms| ms.to_string()),
@@ -1041,7 +1053,12 @@ mod tests {
             field("ts", timestamp.clone().boxed()),
             field("note", prop_oneof![text, Just("null".to_string())].boxed()),
             field("n", any::<i32>().prop_map(|v| v.to_string()).boxed()),
-            field("cents", (any::<i64>(), 4u32..60).prop_map(|(v, s)| (v >> s).to_string()).boxed()),
+            field(
+                "cents",
+                (any::<i64>(), 4u32..60)
+                    .prop_map(|(v, s)| (v >> s).to_string())
+                    .boxed(),
+            ),
             field(
                 "x",
                 (any::<f64>(), -30i32..30, any::<bool>())
@@ -1056,7 +1073,10 @@ mod tests {
             field("at", timestamp.boxed()),
         )
             .prop_map(|(a, b, c, d, e, f, g, h, i, j)| {
-                [a, b, c, d, e, f, g, h, i, j].into_iter().flatten().collect::<Vec<_>>()
+                [a, b, c, d, e, f, g, h, i, j]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
             })
             .prop_shuffle()
     }

@@ -30,7 +30,10 @@ enum Kind {
     Boolean,
     /// Milliseconds, UTC.
     Timestamp,
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
 }
 
 /// The fields of a source as the fast path reads them.
@@ -450,7 +453,8 @@ fn decimal(text: &[u8], precision: u8, scale: i8) -> Option<i128> {
     let scale = scale as usize;
     if int.is_empty()
         || !int.iter().all(u8::is_ascii_digit)
-        || frac.is_some_and(|f| f.is_empty() || f.len() > scale || !f.iter().all(u8::is_ascii_digit))
+        || frac
+            .is_some_and(|f| f.is_empty() || f.len() > scale || !f.iter().all(u8::is_ascii_digit))
     {
         return None;
     }
@@ -507,19 +511,40 @@ mod tests {
         assert_eq!(decimal(b"31.88", 18, 2), Some(3188));
         assert_eq!(decimal(b"-0.1", 18, 2), Some(-10));
         assert_eq!(decimal(b"007", 18, 2), Some(700));
-        assert_eq!(decimal(b"9999999999999999.99", 18, 2), Some(999_999_999_999_999_999));
+        assert_eq!(
+            decimal(b"9999999999999999.99", 18, 2),
+            Some(999_999_999_999_999_999)
+        );
         assert_eq!(decimal(b"99999999999999999", 18, 2), None);
         assert_eq!(decimal(b"1.234", 18, 2), None);
         assert_eq!(decimal(b"1.230", 18, 2), None);
-        for bad in [&b""[..], b"-", b".5", b"5.", b"1e3", b"+1", b"1.2.3", b"--1", b"1 "] {
-            assert_eq!(decimal(bad, 18, 2), None, "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b""[..],
+            b"-",
+            b".5",
+            b"5.",
+            b"1e3",
+            b"+1",
+            b"1.2.3",
+            b"--1",
+            b"1 ",
+        ] {
+            assert_eq!(
+                decimal(bad, 18, 2),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
     #[test]
     fn timestamps_are_strict_rfc3339_utc() {
         assert_eq!(rfc3339_utc_ms(b"1970-01-01T00:00:01.5Z"), Some(1500));
-        assert_eq!(rfc3339_utc_ms(b"2026-11-01T00:00:01.668Z"), Some(1_793_491_201_668));
+        assert_eq!(
+            rfc3339_utc_ms(b"2026-11-01T00:00:01.668Z"),
+            Some(1_793_491_201_668)
+        );
         assert_eq!(rfc3339_utc_ms(b"1969-12-31T23:59:59.9999Z"), Some(-1));
         for bad in [
             &b"2026-11-01T00:00:01"[..],
@@ -532,7 +557,12 @@ mod tests {
             b"2026-11-01T00:00:01+00:00",
             b"+2026-11-01T00:00:01Z",
         ] {
-            assert_eq!(rfc3339_utc_ms(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                rfc3339_utc_ms(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }
