@@ -4,8 +4,9 @@
 //! Most messages take the fast path ([`flat`]): one pass over a flat object straight into the
 //! columns. The messages it declines go to arrow-json, which decodes a run of them in one pass;
 //! when that fails, the run is bisected until each bad one is isolated, so a single malformed
-//! message costs O(log n) extra passes and never the rest of the batch. Every message ends either as exactly one row or as exactly
-//! one dead letter, with its raw bytes, topic, partition, offset and a reason.
+//! message costs O(log n) extra passes and never the rest of the batch. Every message ends either
+//! as exactly one row or as exactly one dead letter, with its raw bytes, topic, partition, offset
+//! and a reason.
 //!
 //! Two columns are appended to each decoded batch: `_partition` (Int32) and `_offset` (Int64), the
 //! message's position, which mapping SQL may pass through.
@@ -343,6 +344,16 @@ fn is_number_text(t: &str) -> bool {
     i == b.len()
 }
 
+/// `_partition` and `_offset` of `msgs`.
+fn position_columns(msgs: &[&RawMessage]) -> [ArrayRef; 2] {
+    [
+        Arc::new(Int32Array::from_iter_values(
+            msgs.iter().map(|m| m.partition),
+        )),
+        Arc::new(Int64Array::from_iter_values(msgs.iter().map(|m| m.offset))),
+    ]
+}
+
 /// Decoder of one source.
 #[derive(Debug, Clone)]
 pub struct JsonDecoder {
@@ -453,16 +464,11 @@ impl JsonDecoder {
                 }
                 read.push(m);
             } else {
-                if let Some(rows) = rows.as_mut().filter(|r| r.len() > 0) {
-                    parts.push(self.flat_batch(rows, &read)?);
-                    read.clear();
-                }
+                self.flush_rows(rows.as_mut(), &mut read, &mut parts)?;
                 declined.push(m);
             }
         }
-        if let Some(rows) = rows.as_mut().filter(|r| r.len() > 0) {
-            parts.push(self.flat_batch(rows, &read)?);
-        }
+        self.flush_rows(rows.as_mut(), &mut read, &mut parts)?;
         self.decode_bisect(&declined, &mut parts, &mut dead_letters);
         let batch = if parts.is_empty() {
             RecordBatch::new_empty(self.output_schema.clone())
@@ -492,30 +498,29 @@ impl JsonDecoder {
         }
     }
 
-    /// The batch of the rows the fast path read from `msgs`.
-    fn flat_batch(
+    /// Append the rows the fast path has read (from the messages `read`), if any, to `parts` as
+    /// one batch; both start over.
+    fn flush_rows(
         &self,
-        rows: &mut flat::Rows,
-        msgs: &[&RawMessage],
-    ) -> Result<RecordBatch, DecodeError> {
+        rows: Option<&mut flat::Rows>,
+        read: &mut Vec<&RawMessage>,
+        parts: &mut Vec<RecordBatch>,
+    ) -> Result<(), DecodeError> {
+        let Some(rows) = rows.filter(|r| r.len() > 0) else {
+            return Ok(());
+        };
         let mut columns = rows.finish();
-        columns.extend(self.position_columns(msgs));
-        RecordBatch::try_new(self.output_schema.clone(), columns).map_err(|source| {
-            DecodeError::Arrow {
-                source_name: self.source_name.clone(),
-                source,
-            }
-        })
-    }
-
-    /// `_partition` and `_offset` of `msgs`.
-    fn position_columns(&self, msgs: &[&RawMessage]) -> [ArrayRef; 2] {
-        [
-            Arc::new(Int32Array::from_iter_values(
-                msgs.iter().map(|m| m.partition),
-            )),
-            Arc::new(Int64Array::from_iter_values(msgs.iter().map(|m| m.offset))),
-        ]
+        columns.extend(position_columns(read));
+        read.clear();
+        let batch =
+            RecordBatch::try_new(self.output_schema.clone(), columns).map_err(|source| {
+                DecodeError::Arrow {
+                    source_name: self.source_name.clone(),
+                    source,
+                }
+            })?;
+        parts.push(batch);
+        Ok(())
     }
 
     /// Refuse what no JSON decoding can take; `Ok(true)` if the fast path may read the message
@@ -634,7 +639,7 @@ impl JsonDecoder {
         for (c, f) in batch.columns().iter().zip(self.json_schema.fields()) {
             columns.push(narrow(c, f)?);
         }
-        columns.extend(self.position_columns(msgs));
+        columns.extend(position_columns(msgs));
         RecordBatch::try_new(self.output_schema.clone(), columns).map_err(|e| e.to_string())
     }
 

@@ -106,7 +106,7 @@ enum Column {
     Float64(Float64Builder),
     Boolean(BooleanBuilder),
     Timestamp(TimestampMillisecondBuilder),
-    Decimal(Decimal128Builder, u8, i8),
+    Decimal(Decimal128Builder),
 }
 
 /// Rows read by the fast path, column by column.
@@ -134,9 +134,11 @@ impl<'p> Rows<'p> {
                 Kind::Timestamp => Column::Timestamp(
                     TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC"),
                 ),
-                Kind::Decimal { precision, scale } => {
-                    Column::Decimal(Decimal128Builder::with_capacity(capacity), precision, scale)
-                }
+                Kind::Decimal { precision, scale } => Column::Decimal(
+                    Decimal128Builder::with_capacity(capacity)
+                        .with_precision_and_scale(precision, scale)
+                        .expect("precision and scale of a valid decimal field"),
+                ),
             })
             .collect();
         Self {
@@ -184,11 +186,7 @@ impl<'p> Rows<'p> {
                     Column::Float64(b) => Arc::new(b.finish()),
                     Column::Boolean(b) => Arc::new(b.finish()),
                     Column::Timestamp(b) => Arc::new(b.finish()),
-                    Column::Decimal(b, p, s) => Arc::new(
-                        b.finish()
-                            .with_precision_and_scale(*p, *s)
-                            .expect("precision and scale of a valid decimal field"),
-                    ),
+                    Column::Decimal(b) => Arc::new(b.finish()),
                 }
             })
             .collect()
@@ -260,8 +258,8 @@ fn append(column: &mut Column, value: Value, v: &[u8]) {
         (Column::Boolean(b), _) => b.append_null(),
         (Column::Timestamp(b), Value::Int(x)) => b.append_value(x),
         (Column::Timestamp(b), _) => b.append_null(),
-        (Column::Decimal(b, _, _), Value::Decimal(x)) => b.append_value(x),
-        (Column::Decimal(b, _, _), _) => b.append_null(),
+        (Column::Decimal(b), Value::Decimal(x)) => b.append_value(x),
+        (Column::Decimal(b), _) => b.append_null(),
     }
 }
 
