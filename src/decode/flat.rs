@@ -305,6 +305,12 @@ impl Cursor<'_> {
         Some((start, start + len))
     }
 
+    /// A string that is a value: [`Cursor::string`], ending where a value ends.
+    fn string_value(&mut self) -> Option<(usize, usize)> {
+        let range = self.string()?;
+        self.at_value_end().then_some(range)
+    }
+
     /// A literal (`true`, `null`...), which must end where a value ends.
     fn literal(&mut self, word: &[u8]) -> bool {
         if self.b[self.i..].starts_with(word) {
@@ -363,7 +369,7 @@ impl Cursor<'_> {
     /// Skip the value of a key that is not a field: a string, number, boolean or null.
     fn skip_scalar(&mut self) -> bool {
         match self.peek() {
-            Some(b'"') => self.string().is_some() && self.at_value_end(),
+            Some(b'"') => self.string_value().is_some(),
             Some(b't') => self.literal(b"true"),
             Some(b'f') => self.literal(b"false"),
             Some(b'n') => self.literal(b"null"),
@@ -377,10 +383,7 @@ impl Cursor<'_> {
             return self.literal(b"null").then_some(Value::Null);
         }
         match kind {
-            Kind::Utf8 => {
-                let (s, e) = self.string()?;
-                self.at_value_end().then_some(Value::Str(s, e))
-            }
+            Kind::Utf8 => self.string_value().map(|(s, e)| Value::Str(s, e)),
             Kind::Boolean => match self.peek()? {
                 b't' => self.literal(b"true").then_some(Value::Bool(true)),
                 b'f' => self.literal(b"false").then_some(Value::Bool(false)),
@@ -400,27 +403,20 @@ impl Cursor<'_> {
             }
             Kind::Timestamp => {
                 if self.peek() == Some(b'"') {
-                    let (s, e) = self.string()?;
-                    if !self.at_value_end() {
-                        return None;
-                    }
+                    let (s, e) = self.string_value()?;
                     rfc3339_utc_ms(&self.b[s..e]).map(Value::Int)
                 } else {
                     self.integer().map(Value::Int)
                 }
             }
             Kind::Decimal { precision, scale } => {
-                let text = if self.peek() == Some(b'"') {
-                    let (s, e) = self.string()?;
-                    if !self.at_value_end() {
-                        return None;
-                    }
-                    &self.b[s..e]
+                let (s, e) = if self.peek() == Some(b'"') {
+                    self.string_value()?
                 } else {
                     let (s, e, _) = self.number()?;
-                    &self.b[s..e]
+                    (s, e)
                 };
-                decimal(text, precision, scale).map(Value::Decimal)
+                decimal(&self.b[s..e], precision, scale).map(Value::Decimal)
             }
         }
     }
