@@ -91,7 +91,7 @@ fn rss_bytes() -> Option<u64> {
 
 /// Canonical rows of `n` simulated card transactions, at `simulated_tps` transactions per
 /// simulated second (0: the population's own rate, as `generate` and the training set have it).
-async fn canonical_rows(
+pub async fn canonical_rows(
     config: &Config,
     n: usize,
     simulated_tps: f64,
@@ -553,6 +553,8 @@ pub struct SinkBench {
     pub rows: usize,
     /// Rows per committed batch.
     pub batch: usize,
+    /// Whether the aggregate merges trailed on a second connection (`postgres.trail_aggregates`).
+    pub trailing: bool,
     /// Rows per second through [`crate::sink::postgres::PgSink::commit`] (encoding, COPY of
     /// transactions, alerts, aggregate merges, offsets, one transaction per batch; median).
     pub sink_rows_per_sec: f64,
@@ -616,6 +618,13 @@ pub async fn sink(
     )
     .await?;
     pg.prepare_aggregates(&stages).await?;
+    let trailing = pg
+        .prepare_trailing(
+            &stages,
+            &engine.decided_schema(),
+            config.postgres.trail_aggregates,
+        )
+        .await?;
     let sink = Sink::Postgres(pg.clone());
     sqlx::query("CREATE TABLE bench_copy (LIKE transactions INCLUDING ALL)")
         .execute(pg.pool())
@@ -706,6 +715,8 @@ pub async fn sink(
                 }
             }
         }
+        // The last trailing merges are part of the run.
+        sink.flush().await?;
         sink_rates.push(data.num_rows() as f64 / t.elapsed().as_secs_f64());
 
         psql_rates.push(psql_copy(&file, "")?);
@@ -723,6 +734,7 @@ pub async fn sink(
     Ok(SinkBench {
         rows: data.num_rows(),
         batch,
+        trailing,
         sink_rows_per_sec: median(&mut sink_rates),
         psql_rows_per_sec: median(&mut psql_rates),
         psql_binary_rows_per_sec: (!psql_binary_rates.is_empty())
@@ -736,7 +748,7 @@ pub fn sink_report(b: &SinkBench, config_path: &Path) -> String {
     format!(
         "| figure | value |\n|---|---|\n\
          | rows per run (alerts among them) | {} ({}) |\n\
-         | sink: one transaction per batch of {} rows: COPY transactions, COPY alerts, aggregate merges, offsets (median) | {:.0} rows/s |\n\
+         | sink: batches of {} rows: COPY transactions, COPY alerts, offsets{} (median) | {:.0} rows/s |\n\
          | baseline: `psql \\copy` of the same rows into a table like `transactions`, one COPY (median) | {:.0} rows/s |\n\
          | ratio sink / psql COPY | {:.2} |\n\
          {}\
@@ -744,6 +756,11 @@ pub fn sink_report(b: &SinkBench, config_path: &Path) -> String {
         b.rows,
         b.alerts,
         b.batch,
+        if b.trailing {
+            "; aggregate merges on a second connection, a batch behind"
+        } else {
+            ", aggregate merges, one transaction"
+        },
         b.sink_rows_per_sec,
         b.psql_rows_per_sec,
         b.sink_rows_per_sec / b.psql_rows_per_sec,

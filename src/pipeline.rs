@@ -91,6 +91,12 @@ pub async fn run(
 ) -> Result<RunSummary, PipelineError> {
     if let Sink::Postgres(pg) = &sink {
         pg.prepare_aggregates(&engine.aggregates()).await?;
+        pg.prepare_trailing(
+            &engine.aggregates(),
+            &engine.decided_schema(),
+            config.postgres.trail_aggregates,
+        )
+        .await?;
     }
     metrics.set_sources(
         config
@@ -407,6 +413,20 @@ pub async fn run(
     }
     drop(ready_rx);
     input_cancel.cancel();
+    // Trailing aggregate merges of the last commits: applied now, or by the next start.
+    let waited = cancelled_at.map_or(Duration::ZERO, |at| at.elapsed());
+    match tokio::time::timeout(shutdown_timeout.saturating_sub(waited), sink.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "trailing aggregate merges not applied; the next start applies them");
+            if result.is_ok() {
+                result = Err(e.into());
+            }
+        }
+        Err(_) => tracing::warn!(
+            "trailing aggregate merges still running at the shutdown timeout; the next start applies them"
+        ),
+    }
     while tasks.join_next().await.is_some() {}
     let aggregate_result = match aggregating.await {
         Ok(r) => r,

@@ -207,6 +207,15 @@ pub struct PostgresConfig {
     /// retention policy drops whole chunks; on plain PostgreSQL the rows are deleted at start.
     #[serde(default = "default_retention")]
     pub retention: String,
+    /// Merge each micro-batch's aggregates on a second connection, a batch behind its rows: the
+    /// rows of one batch are copied while the aggregates of the one before are merged, so two
+    /// database backends work at once. Still exactly-once: the rows' transaction records the
+    /// merge it leaves pending, and a start applies what a crash left (computed again from the
+    /// stored rows). Aggregates then trail the rows by at most two batches. Needs aggregates
+    /// that read only columns stored in `transactions`; a set that reads others (features) is
+    /// merged in the rows' transaction, as with `false`.
+    #[serde(default = "default_true")]
+    pub trail_aggregates: bool,
 }
 
 fn default_compress_after() -> String {
@@ -247,6 +256,7 @@ impl Default for PostgresConfig {
             retry_max_ms: default_retry_max_ms(),
             compress_after: default_compress_after(),
             retention: default_retention(),
+            trail_aggregates: true,
         }
     }
 }

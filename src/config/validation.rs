@@ -260,6 +260,13 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
             "postgres.max_connections".into(),
             format!("must be between 1 and 64, got {}", pg.max_connections),
         );
+    } else if pg.trail_aggregates && pg.max_connections < 2 {
+        err(
+            "postgres.max_connections".into(),
+            "must be at least 2 with postgres.trail_aggregates = true (the rows and the aggregates \
+             commit on two connections); raise it or set trail_aggregates = false"
+                .into(),
+        );
     }
 
     for (key, value) in [

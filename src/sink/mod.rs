@@ -5,6 +5,8 @@
 //!   nothing, and the batch is re-read from Kafka on the next start. That is exactly-once.
 //! - [`groups`]: the aggregate groups the PostgreSQL sink knows to be stored, so that new groups
 //!   are COPYed into their table and only known ones merged.
+//! - [`trailing`]: the PostgreSQL sink's aggregate merges committed a batch behind the rows, on a
+//!   second connection, still exactly-once (`postgres.trail_aggregates`).
 //! - [`memory`]: an in-process store for the demo and tests, with the same offset semantics.
 
 pub mod copy;
@@ -14,6 +16,7 @@ mod labels;
 pub mod memory;
 pub mod postgres;
 pub mod query;
+pub mod trailing;
 
 use std::collections::HashMap;
 
@@ -142,6 +145,8 @@ pub struct CommitStats {
     pub inserted: u64,
     /// Transactions already stored before (not stored twice).
     pub duplicates: u64,
+    /// The `commit_seq` of a commit whose aggregate merges were left to trail (PostgreSQL).
+    pub trailing: Option<i64>,
 }
 
 /// The result of a commit attempt.
@@ -251,6 +256,15 @@ impl Sink {
         match self {
             Self::Postgres(s) => history::recent(s.pool(), span_ms, max_rows, chunk_rows),
             Self::Memory(_) => Box::pin(futures::stream::empty()),
+        }
+    }
+
+    /// Wait until the aggregate merges of the commits so far are applied (PostgreSQL with
+    /// trailing aggregates; the memory store merges in its commit).
+    pub async fn flush(&self) -> Result<(), SinkError> {
+        match self {
+            Self::Postgres(s) => s.flush_trailing().await,
+            Self::Memory(_) => Ok(()),
         }
     }
 

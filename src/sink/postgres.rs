@@ -14,6 +14,10 @@
 //!
 //! Offsets are written with a guard: a partition's stored offset must still be the one this process
 //! started the batch from, or the commit is refused ([`SinkError::Fenced`]).
+//!
+//! With trailing aggregates ([`PgSink::prepare_trailing`], `postgres.trail_aggregates`) the
+//! merges leave the rows' transaction: it records them as pending, and a second connection
+//! applies them a batch behind ([`super::trailing`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -22,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray,
+    Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use datafusion::arrow::compute::{filter_record_batch, not};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -31,17 +35,61 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 
 use super::groups::{self, KnownGroups};
+use super::trailing::{self, Writer};
 use super::{CommitOutcome, CommitStats, SinkBatch, SinkError, StoredOffsets, copy};
 use crate::config::PostgresConfig;
 use crate::engine::aggregates::{AggregateStage, Merge};
 use crate::engine::canonical::COLUMNS;
 use crate::engine::{DECISION, EXPLANATION, MODEL_VERSION, RULE_HITS, SCORE};
 
-/// Columns of `transactions` written by the sink, in order.
+/// Columns of `transactions` taken from the decided rows, in order (the sink adds
+/// [`COMMIT_SEQ`]).
 fn transaction_columns() -> Vec<&'static str> {
     let mut c: Vec<&str> = COLUMNS.iter().map(|c| c.0).collect();
     c.extend([SCORE, MODEL_VERSION, DECISION, RULE_HITS]);
     c
+}
+
+/// The column of `transactions` naming the database transaction that stored the row.
+const COMMIT_SEQ: &str = "commit_seq";
+
+/// Columns of `transactions` the sink writes, in order.
+fn written_columns() -> Vec<&'static str> {
+    let mut c = transaction_columns();
+    c.push(COMMIT_SEQ);
+    c
+}
+
+/// The decided rows as the sink writes them into `transactions`: [`transaction_columns`] and
+/// the `commit_seq` of their transaction.
+fn stored_rows(b: &RecordBatch, seq: i64) -> Result<RecordBatch, SinkError> {
+    let p = project(b, &transaction_columns())?;
+    let mut fields: Vec<Field> = p
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(COMMIT_SEQ, DataType::Int64, false));
+    let mut columns = p.columns().to_vec();
+    columns.push(Arc::new(Int64Array::from_value(seq, p.num_rows())));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| internal(e.to_string()))
+}
+
+/// The decided schema narrowed to the columns stored in `transactions`: what trailing merges
+/// are computed again from after a crash.
+fn stored_schema(decided: &Schema) -> Result<SchemaRef, SinkError> {
+    let fields = transaction_columns()
+        .into_iter()
+        .map(|c| {
+            decided
+                .field_with_name(c)
+                .cloned()
+                .map_err(|_| internal(format!("decided rows lack column {c}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Arc::new(Schema::new(fields)))
 }
 
 /// Columns of `alerts` taken from the decided rows (`features` is added as JSON).
@@ -77,6 +125,24 @@ pub struct PgSink {
     /// Groups of each aggregate table known to be stored, by stage name ([`groups`]).
     known: Arc<Mutex<HashMap<String, KnownGroups>>>,
     paths: Arc<PathCounters>,
+    /// Set by [`PgSink::prepare_trailing`].
+    trailing: Arc<Mutex<Option<Trailing>>>,
+    /// `postgres.retry_initial_ms` and `retry_max_ms` (the trailing writer's backoff).
+    retry_ms: (u64, u64),
+}
+
+/// Trailing aggregate merges ([`trailing`]).
+#[derive(Debug)]
+struct Trailing {
+    /// The task applying them; `None` when merges stay in the rows' transaction.
+    writer: Option<Writer>,
+    /// [`stored_schema`].
+    stored: SchemaRef,
+    /// The aggregate stages compiled over `stored`, to apply what a crash left pending; `Err`:
+    /// why they cannot be (a stage reads columns `transactions` does not store).
+    recovery: Result<Arc<Vec<AggregateStage>>, String>,
+    /// Stage sets seen in batches (a reload brings new ones) and whether each may trail.
+    checked: Vec<(Arc<Vec<AggregateStage>>, bool)>,
 }
 
 /// How the groups of the aggregate merges went in, in the commits this sink attempted (a commit
@@ -152,8 +218,8 @@ impl PgSink {
                 .fetch_one(&pool)
                 .await?;
         tracing::info!(policies = %applied, "storage policies");
-        let tx_cols = transaction_columns().join(", ");
-        let copy_transactions_binary = column_types(&pool, "transactions", &transaction_columns())
+        let tx_cols = written_columns().join(", ");
+        let copy_transactions_binary = column_types(&pool, "transactions", &written_columns())
             .await?
             .map(|types| {
                 (
@@ -172,6 +238,8 @@ impl PgSink {
             prepared: Arc::default(),
             known: Arc::default(),
             paths: Arc::default(),
+            trailing: Arc::default(),
+            retry_ms: (cfg.retry_initial_ms, cfg.retry_max_ms),
         })
     }
 
@@ -216,8 +284,82 @@ impl PgSink {
         Ok(())
     }
 
-    /// Offsets stored for this pipeline.
+    /// Set up trailing aggregate merges for the engine's aggregate `stages` over its `decided`
+    /// schema. With `enabled` (`postgres.trail_aggregates`) and stages that read only columns
+    /// stored in `transactions`, merges commit a batch behind the rows on a second connection;
+    /// otherwise in the rows' transaction. Either way, [`PgSink::load_offsets`] applies the
+    /// merges an earlier run left pending. Returns whether merges trail.
+    pub async fn prepare_trailing(
+        &self,
+        stages: &Arc<Vec<AggregateStage>>,
+        decided: &Schema,
+        enabled: bool,
+    ) -> Result<bool, SinkError> {
+        let stored = stored_schema(decided)?;
+        let recovery = over_stored_columns(stages, &stored).await;
+        let trails = enabled && !stages.is_empty() && recovery.is_ok();
+        if let (true, Err(why)) = (enabled, &recovery) {
+            tracing::warn!(%why, "aggregates merge in the rows' transaction (postgres.trail_aggregates needs aggregates over stored columns)");
+        }
+        let writer = trails.then(|| {
+            let mut inner = self.clone();
+            inner.trailing = Arc::default();
+            Writer::spawn(inner, self.retry_ms.0, self.retry_ms.1)
+        });
+        *self.trailing.lock().expect("trailing lock") = Some(Trailing {
+            writer,
+            stored,
+            recovery,
+            checked: vec![(stages.clone(), trails)],
+        });
+        Ok(trails)
+    }
+
+    /// Wait until the trailing merges of every commit so far are applied (for shutdown,
+    /// benchmarks and tests; a merge not applied stays pending for the next start anyway).
+    pub async fn flush_trailing(&self) -> Result<(), SinkError> {
+        let writer = self
+            .trailing
+            .lock()
+            .expect("trailing lock")
+            .as_ref()
+            .and_then(|t| t.writer.clone());
+        match writer {
+            Some(w) => w.flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// The trailing writer when a batch computed by `stages` may leave its merges to it: merges
+    /// trail, and the stages (new after a reload) read only stored columns.
+    async fn trails(&self, stages: &Arc<Vec<AggregateStage>>) -> Option<Writer> {
+        if stages.is_empty() {
+            return None;
+        }
+        let (writer, stored) = {
+            let t = self.trailing.lock().expect("trailing lock");
+            let t = t.as_ref()?;
+            let writer = t.writer.clone()?;
+            if let Some((_, ok)) = t.checked.iter().find(|(s, _)| Arc::ptr_eq(s, stages)) {
+                return ok.then_some(writer);
+            }
+            (writer, t.stored.clone())
+        };
+        let ok = over_stored_columns(stages, &stored).await.is_ok();
+        if let Some(t) = self.trailing.lock().expect("trailing lock").as_mut() {
+            // Only the last few sets matter: the engine holds one at a time.
+            if t.checked.len() >= 4 {
+                t.checked.remove(0);
+            }
+            t.checked.push((stages.clone(), ok));
+        }
+        ok.then_some(writer)
+    }
+
+    /// Offsets stored for this pipeline, once the aggregate merges an earlier run left pending
+    /// are applied (after [`PgSink::prepare_trailing`]).
     pub async fn load_offsets(&self) -> Result<StoredOffsets, SinkError> {
+        self.apply_pending().await?;
         let rows = sqlx::query(
             "SELECT topic, kafka_partition, next_offset FROM consumer_offsets WHERE pipeline = $1",
         )
@@ -235,25 +377,103 @@ impl PgSink {
             .collect())
     }
 
-    /// Commit a batch: rows, alerts, aggregates, dead letters and offsets in one transaction;
-    /// or, when some of its transactions are stored already, nothing and the list of them.
+    /// Apply the merges this pipeline left pending (a crash between a commit of rows and its
+    /// merges): each commit's partial aggregates are computed again from its stored rows.
+    /// Returns how many commits were pending.
+    pub async fn apply_pending(&self) -> Result<usize, SinkError> {
+        let (stored, recovery) = match self.trailing.lock().expect("trailing lock").as_ref() {
+            Some(t) => (t.stored.clone(), t.recovery.clone()),
+            None => return Ok(0),
+        };
+        let pending = trailing::pending(&self.pool, &self.pipeline).await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let stages = recovery.map_err(|why| {
+            internal(format!(
+                "{} aggregate merge(s) of pipeline {:?} are pending in sink_pending_aggregates, \
+                 and the aggregate files cannot compute them again from the stored rows: {why}",
+                pending.len(),
+                self.pipeline
+            ))
+        })?;
+        for p in &pending {
+            let rows = trailing::stored_rows(&self.pool, p, &stored).await?;
+            let mut aggregates = Vec::with_capacity(stages.len());
+            for s in stages.iter() {
+                let partial = s.partial(std::slice::from_ref(&rows)).await.map_err(|e| {
+                    internal(format!("recomputing the pending merge {}: {e}", p.seq))
+                })?;
+                aggregates.push((s.name.clone(), partial));
+            }
+            let job = trailing::Job {
+                seq: p.seq,
+                stages: stages.clone(),
+                aggregates,
+            };
+            let applied = self.merge_pending(&job).await?;
+            tracing::info!(
+                commit_seq = p.seq,
+                rows = rows.num_rows(),
+                applied,
+                "pending aggregate merge of an earlier run"
+            );
+        }
+        Ok(pending.len())
+    }
+
+    /// Commit a batch: rows, alerts, dead letters and offsets in one transaction, with the
+    /// aggregate merges, or with them left pending and handed to the trailing writer; or, when
+    /// some of its transactions are stored already, nothing and the list of them.
     pub async fn commit(&self, batch: &SinkBatch) -> Result<CommitOutcome, SinkError> {
+        let writer = self.trails(&batch.aggregate_stages).await;
+        if let Some(e) = writer.as_ref().and_then(Writer::failure) {
+            return Err(e);
+        }
+        let outcome = self.commit_rows(batch, writer.is_some()).await?;
+        if let (CommitOutcome::Committed(stats), Some(w)) = (&outcome, &writer)
+            && let Some(seq) = stats.trailing
+        {
+            w.send(trailing::Job {
+                seq,
+                stages: batch.aggregate_stages.clone(),
+                aggregates: batch.aggregates.clone(),
+            })
+            .await?;
+        }
+        Ok(outcome)
+    }
+
+    /// The rows' transaction of a batch. With `trail`, its aggregate merges are not applied but
+    /// recorded as pending (`sink_pending_aggregates`, and [`CommitStats::trailing`]); a crash
+    /// right after is what this leaves.
+    pub async fn commit_rows(
+        &self,
+        batch: &SinkBatch,
+        trail: bool,
+    ) -> Result<CommitOutcome, SinkError> {
         let encode = |e: copy::CopyError| SinkError::Internal(e.to_string());
         let t0 = std::time::Instant::now();
-        let cols = transaction_columns();
+        let rows = batch.rows() as u64;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        self.write_offsets(&mut tx, batch).await?;
+        let seq: i64 = if rows > 0 {
+            sqlx::query_scalar("SELECT nextval('sink_commit_seq')")
+                .fetch_one(&mut *tx)
+                .await?
+        } else {
+            0
+        };
         let mut projected = Vec::with_capacity(batch.transactions.len());
         let mut alert_data = Vec::new();
         for b in &batch.transactions {
-            projected.push(project(b, &cols)?);
+            projected.push(stored_rows(b, seq)?);
             if let Some(alerts) = alerts_of(b)? {
                 copy::encode(&alerts, &mut alert_data).map_err(encode)?;
             }
         }
         let t_encode = t0.elapsed();
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        self.write_offsets(&mut tx, batch).await?;
-        let rows = batch.rows() as u64;
         if rows > 0 {
             // Binary when the table's column types allow it: the server then converts no text.
             let binary = self
@@ -320,12 +540,87 @@ impl PgSink {
             .await?;
         }
         let t_other = t0.elapsed();
-        // Last before the commit: the merges set the join plan for the rest of the transaction.
-        let mut planned = false;
-        // Group keys each merge stored, remembered once the transaction has committed.
+        let trailing = trail && rows > 0;
         let mut remember = Vec::new();
-        for (name, partials) in &batch.aggregates {
-            let Some(stage) = batch.aggregate_stages.iter().find(|s| &s.name == name) else {
+        if trailing {
+            let (first, last) = event_time_range(&projected);
+            sqlx::query(
+                "INSERT INTO sink_pending_aggregates \
+                 (pipeline, commit_seq, first_event_time, last_event_time, rows) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&self.pipeline)
+            .bind(seq)
+            .bind(first)
+            .bind(last)
+            .bind(rows as i64)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            remember = self
+                .merge_all(&mut tx, &batch.aggregate_stages, &batch.aggregates)
+                .await?;
+        }
+        let t_aggregates = t0.elapsed();
+        tx.commit().await?;
+        self.remember(remember);
+        tracing::debug!(
+            rows,
+            trailing,
+            encode = ?t_encode,
+            copy = ?(t_copy - t_encode),
+            alerts_labels_dead_letters = ?(t_other - t_copy),
+            aggregates = ?(t_aggregates - t_other),
+            total = ?t0.elapsed(),
+            "sink commit phases"
+        );
+        Ok(CommitOutcome::Committed(CommitStats {
+            inserted: rows,
+            duplicates: 0,
+            trailing: trailing.then_some(seq),
+        }))
+    }
+
+    /// Apply the merges a commit of rows left pending, in a transaction that first removes its
+    /// record from `sink_pending_aggregates`. Returns false, merging nothing, when the record
+    /// is gone (another process applied it).
+    pub async fn merge_pending(&self, job: &trailing::Job) -> Result<bool, SinkError> {
+        let t0 = std::time::Instant::now();
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let claimed = sqlx::query(
+            "DELETE FROM sink_pending_aggregates WHERE pipeline = $1 AND commit_seq = $2",
+        )
+        .bind(&self.pipeline)
+        .bind(job.seq)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            return Ok(false);
+        }
+        let remember = self
+            .merge_all(&mut tx, &job.stages, &job.aggregates)
+            .await?;
+        tx.commit().await?;
+        self.remember(remember);
+        tracing::debug!(commit_seq = job.seq, took = ?t0.elapsed(), "trailing aggregate merges");
+        Ok(true)
+    }
+
+    /// Merge every stage's partial aggregates in `tx`. Returns the group keys each stored, to
+    /// [`PgSink::remember`] once `tx` has committed.
+    async fn merge_all(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        stages: &[AggregateStage],
+        aggregates: &[(String, Vec<RecordBatch>)],
+    ) -> Result<Vec<(String, Vec<groups::Key>)>, SinkError> {
+        // Set before the first merge: it holds for the rest of the transaction.
+        let mut planned = false;
+        let mut remember = Vec::new();
+        for (name, partials) in aggregates {
+            let Some(stage) = stages.iter().find(|s| &s.name == name) else {
                 continue;
             };
             if partials.iter().all(|b| b.num_rows() == 0) {
@@ -337,34 +632,25 @@ impl PgSink {
                 // staging table the planner would hash the whole table once it has some (measured:
                 // 80 -> 230 ms a merge after 25 batches, growing with the table).
                 sqlx::raw_sql("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
                 planned = true;
             }
-            let stored = self.merge_aggregate(&mut tx, stage, partials).await?;
-            remember.push((name, stored));
+            let stored = self.merge_aggregate(tx, stage, partials).await?;
+            remember.push((name.clone(), stored));
         }
-        let t_aggregates = t0.elapsed();
-        tx.commit().await?;
-        if !remember.is_empty() {
-            let mut known = self.known.lock().expect("known groups lock");
-            for (name, stored) in remember {
-                known.entry(name.clone()).or_default().add(stored);
-            }
+        Ok(remember)
+    }
+
+    /// Remember the groups a committed transaction stored ([`PgSink::merge_all`]).
+    fn remember(&self, stored: Vec<(String, Vec<groups::Key>)>) {
+        if stored.is_empty() {
+            return;
         }
-        tracing::debug!(
-            rows,
-            encode = ?t_encode,
-            copy = ?(t_copy - t_encode),
-            alerts_labels_dead_letters = ?(t_other - t_copy),
-            aggregates = ?(t_aggregates - t_other),
-            total = ?t0.elapsed(),
-            "sink commit phases"
-        );
-        Ok(CommitOutcome::Committed(CommitStats {
-            inserted: rows,
-            duplicates: 0,
-        }))
+        let mut known = self.known.lock().expect("known groups lock");
+        for (name, keys) in stored {
+            known.entry(name).or_default().add(keys);
+        }
     }
 
     /// Rows of the batch (batch index, row index) that must not be stored: ids already in the
@@ -727,10 +1013,10 @@ impl PgSink {
 pub fn transactions_copy_text(
     batches: &[RecordBatch],
 ) -> Result<(Vec<&'static str>, Vec<u8>), SinkError> {
-    let cols = transaction_columns();
+    let cols = written_columns();
     let mut out = Vec::new();
     for b in batches {
-        copy::encode(&project(b, &cols)?, &mut out)
+        copy::encode(&stored_rows(b, 0)?, &mut out)
             .map_err(|e| SinkError::Internal(e.to_string()))?;
     }
     Ok((cols, out))
@@ -746,10 +1032,9 @@ impl PgSink {
         let Some((_, types)) = &self.copy_transactions_binary else {
             return Ok(None);
         };
-        let cols = transaction_columns();
         let mut out = copy::BINARY_HEADER.to_vec();
         for b in batches {
-            let b = project(b, &cols)?;
+            let b = stored_rows(b, 0)?;
             if !fits(types, &b.schema()) {
                 return Ok(None);
             }
@@ -759,6 +1044,42 @@ impl PgSink {
         out.extend_from_slice(copy::BINARY_TRAILER);
         Ok(Some(out))
     }
+}
+
+/// Compile `stages` again over the `stored` columns: `Err` names the first file that reads a
+/// column `transactions` does not store.
+async fn over_stored_columns(
+    stages: &[AggregateStage],
+    stored: &SchemaRef,
+) -> Result<Arc<Vec<AggregateStage>>, String> {
+    let mut out = Vec::with_capacity(stages.len());
+    for s in stages {
+        out.push(
+            AggregateStage::compile(&s.file, stored.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(Arc::new(out))
+}
+
+/// The first and last event time of stored rows ([`stored_rows`]; none are empty).
+fn event_time_range(
+    batches: &[RecordBatch],
+) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+    let (mut first, mut last) = (i64::MAX, i64::MIN);
+    for b in batches {
+        let (_, t) = id_time(b);
+        if let (Some(lo), Some(hi)) = (
+            datafusion::arrow::compute::min(t),
+            datafusion::arrow::compute::max(t),
+        ) {
+            first = first.min(lo);
+            last = last.max(hi);
+        }
+    }
+    let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    (at(first), at(last))
 }
 
 fn id_time(b: &RecordBatch) -> (&StringArray, &TimestampMillisecondArray) {
