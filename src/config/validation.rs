@@ -623,6 +623,20 @@ fields = [
     }
 
     #[test]
+    fn trailing_aggregates_need_a_second_connection() {
+        let one = format!("[postgres]\nmax_connections = 1\n{SOURCE}");
+        let errs = errors_of(&one);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("test.toml:2: postgres.max_connections: must be at least 2"),
+            "{}",
+            errs[0]
+        );
+        let off = format!("[postgres]\nmax_connections = 1\ntrail_aggregates = false\n{SOURCE}");
+        assert_eq!(errors_of(&off), Vec::<String>::new());
+    }
+
+    #[test]
     fn warm_max_rows_is_bounded_and_zero_turns_it_off() {
         let off = format!("[engine]\nwarm_max_rows = 0\n{SOURCE}");
         assert_eq!(errors_of(&off), Vec::<String>::new());
