@@ -117,14 +117,7 @@ struct Setup {
 
 /// A PostgreSQL sink on the test's database with the tables of `stages` prepared.
 async fn connect(env: &common::TestEnv, stages: &[AggregateStage]) -> PgSink {
-    let config = payguard::config::load(&env.config).unwrap();
-    let pg = PgSink::connect(
-        &config.postgres,
-        &config.resolve(&config.postgres.migrations),
-        &env.pipeline,
-    )
-    .await
-    .unwrap();
+    let pg = env.pg_sink().await;
     pg.prepare_aggregates(stages).await.unwrap();
     pg
 }

@@ -23,14 +23,7 @@ use payguard::source::OffsetCommit;
 const BATCH: usize = 400;
 
 async fn connect(env: &TestEnv, engine: &Engine, trail: bool) -> PgSink {
-    let config = payguard::config::load(&env.config).unwrap();
-    let pg = PgSink::connect(
-        &config.postgres,
-        &config.resolve(&config.postgres.migrations),
-        &env.pipeline,
-    )
-    .await
-    .unwrap();
+    let pg = env.pg_sink().await;
     pg.prepare_aggregates(&engine.aggregates()).await.unwrap();
     assert_eq!(
         pg.prepare_trailing(&engine.aggregates(), &engine.decided_schema(), trail)
@@ -174,13 +167,7 @@ async fn aggregates_over_features_merge_in_the_rows_transaction() {
         .await
         .unwrap();
     let stages = Arc::new(vec![stage]);
-    let pg = PgSink::connect(
-        &config.postgres,
-        &config.resolve(&config.postgres.migrations),
-        &env.pipeline,
-    )
-    .await
-    .unwrap();
+    let pg = env.pg_sink().await;
     pg.prepare_aggregates(&stages).await.unwrap();
     assert!(
         !pg.prepare_trailing(&stages, &engine.decided_schema(), true)

@@ -64,17 +64,12 @@ fn written_columns() -> Vec<&'static str> {
 /// the `commit_seq` of their transaction.
 fn stored_rows(b: &RecordBatch, seq: i64) -> Result<RecordBatch, SinkError> {
     let p = project(b, &transaction_columns())?;
-    let mut fields: Vec<Field> = p
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new(COMMIT_SEQ, DataType::Int64, false));
-    let mut columns = p.columns().to_vec();
-    columns.push(Arc::new(Int64Array::from_value(seq, p.num_rows())));
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-        .map_err(|e| internal(e.to_string()))
+    let n = p.num_rows();
+    with_column(
+        &p,
+        Field::new(COMMIT_SEQ, DataType::Int64, false),
+        Arc::new(Int64Array::from_value(seq, n)),
+    )
 }
 
 /// The decided schema narrowed to the columns stored in `transactions`: what trailing merges
@@ -1215,6 +1210,21 @@ fn project(b: &RecordBatch, cols: &[&str]) -> Result<RecordBatch, SinkError> {
     RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|e| internal(e.to_string()))
 }
 
+/// `b` with one more column at the end.
+fn with_column(b: &RecordBatch, field: Field, array: ArrayRef) -> Result<RecordBatch, SinkError> {
+    let mut fields: Vec<Field> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(field);
+    let mut columns = b.columns().to_vec();
+    columns.push(array);
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| internal(e.to_string()))
+}
+
 /// Alert rows (decision other than approve) with their features as one JSON column.
 fn alerts_of(b: &RecordBatch) -> Result<Option<RecordBatch>, SinkError> {
     let schema = b.schema();
@@ -1251,19 +1261,12 @@ fn alerts_of(b: &RecordBatch) -> Result<Option<RecordBatch>, SinkError> {
     w.finish().map_err(|e| internal(e.to_string()))?;
     let text = String::from_utf8(w.into_inner()).map_err(|e| internal(e.to_string()))?;
     let features: ArrayRef = Arc::new(StringArray::from(text.lines().collect::<Vec<_>>()));
-    let mut out = project(&alerts, ALERT_COLUMNS)?;
-    let mut fields: Vec<Field> = out
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new("features", DataType::Utf8, false));
-    let mut cols = out.columns().to_vec();
-    cols.push(features);
-    out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
-        .map_err(|e| internal(e.to_string()))?;
-    Ok(Some(out))
+    with_column(
+        &project(&alerts, ALERT_COLUMNS)?,
+        Field::new("features", DataType::Utf8, false),
+        features,
+    )
+    .map(Some)
 }
 
 fn pg_type(t: &DataType) -> Result<&'static str, String> {

@@ -225,6 +225,18 @@ impl TestEnv {
     }
 
     /// A connection to this test's database.
+    /// A PostgreSQL sink on this test's database, migrations applied, as `run` connects it.
+    pub async fn pg_sink(&self) -> payguard::sink::postgres::PgSink {
+        let config = payguard::config::load(&self.config).unwrap();
+        payguard::sink::postgres::PgSink::connect(
+            &config.postgres,
+            &config.resolve(&config.postgres.migrations),
+            &self.pipeline,
+        )
+        .await
+        .unwrap()
+    }
+
     pub async fn db(&self) -> PgConnection {
         PgConnection::connect(&self.db_url).await.unwrap()
     }
