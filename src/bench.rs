@@ -623,6 +623,7 @@ pub async fn sink(
             &stages,
             &engine.decided_schema(),
             config.postgres.trail_aggregates,
+            Arc::default(),
         )
         .await?;
     let sink = Sink::Postgres(pg.clone());

@@ -43,6 +43,14 @@ impl Gauge {
     pub fn get(&self) -> f64 {
         f64::from_bits(self.0.load(Ordering::Relaxed))
     }
+    /// Add `d` (negative: subtract), atomically against concurrent adds.
+    pub fn add(&self, d: f64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + d).to_bits())
+            });
+    }
 }
 
 /// Fixed-bucket latency histogram (seconds).
@@ -305,6 +313,11 @@ pub struct Metrics {
     pub sink_time: Histogram,
     /// From a batch reaching the sink stage to its commit, retries and backoff included.
     pub commit_time: Histogram,
+    /// Aggregate merges handed to the trailing writer and not applied yet
+    /// (`postgres.trail_aggregates`).
+    pub trailing_pending: Gauge,
+    /// Time of one trailing aggregate merge (its successful transaction).
+    pub trailing_time: Histogram,
     /// Messages behind the high watermark, per (topic, partition).
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     /// (source name, topic) of each source index, for labels.
@@ -364,6 +377,8 @@ impl Default for Metrics {
             decode_time: Histogram::default(),
             engine_time: Histogram::default(),
             sink_time: Histogram::default(),
+            trailing_pending: Gauge::default(),
+            trailing_time: Histogram::default(),
             commit_time: Histogram::default(),
             lag: Mutex::default(),
             sources: Mutex::default(),
@@ -595,6 +610,11 @@ impl Metrics {
                 "1 when the sink is connected.",
                 self.sink_ready.get(),
             ),
+            (
+                "payguard_sink_trailing_pending",
+                "Aggregate merges handed to the trailing writer and not applied yet.",
+                self.trailing_pending.get(),
+            ),
         ] {
             header(&mut out, name, help, "gauge");
             let _ = writeln!(out, "{name} {v}");
@@ -629,6 +649,11 @@ impl Metrics {
                 &self.commit_time,
                 "payguard_sink_commit_seconds",
                 "From a batch reaching the sink to its commit, retries included.",
+            ),
+            (
+                &self.trailing_time,
+                "payguard_sink_trailing_merge_seconds",
+                "Time of one trailing aggregate merge (its successful transaction).",
             ),
         ] {
             h.render(&mut out, name, help);

@@ -95,6 +95,7 @@ pub async fn run(
             &engine.aggregates(),
             &engine.decided_schema(),
             config.postgres.trail_aggregates,
+            metrics.clone(),
         )
         .await?;
     }

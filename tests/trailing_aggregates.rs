@@ -16,19 +16,25 @@ use common::{
 use datafusion::arrow::array::RecordBatch;
 use payguard::engine::Engine;
 use payguard::engine::aggregates::AggregateStage;
+use payguard::metrics::Metrics;
 use payguard::sink::postgres::PgSink;
 use payguard::sink::{CommitOutcome, Sink, SinkBatch, trailing};
 use payguard::source::OffsetCommit;
 
 const BATCH: usize = 400;
 
-async fn connect(env: &TestEnv, engine: &Engine, trail: bool) -> PgSink {
+async fn connect(env: &TestEnv, engine: &Engine, trail: bool, metrics: Arc<Metrics>) -> PgSink {
     let pg = env.pg_sink().await;
     pg.prepare_aggregates(&engine.aggregates()).await.unwrap();
     assert_eq!(
-        pg.prepare_trailing(&engine.aggregates(), &engine.decided_schema(), trail)
-            .await
-            .unwrap(),
+        pg.prepare_trailing(
+            &engine.aggregates(),
+            &engine.decided_schema(),
+            trail,
+            metrics,
+        )
+        .await
+        .unwrap(),
         trail,
         "the shipped aggregates read only stored columns"
     );
@@ -82,7 +88,8 @@ async fn merges_a_crash_left_pending_are_applied_once_at_the_next_start() {
         decided.push(engine.decide(&data.slice(i * BATCH, BATCH)).await.unwrap());
     }
 
-    let pg = connect(&env, &engine, true).await;
+    let metrics = Arc::new(Metrics::default());
+    let pg = connect(&env, &engine, true, metrics.clone()).await;
     let sink = Sink::Postgres(pg.clone());
     let mut at = 0;
     let mut jobs = Vec::new();
@@ -113,11 +120,21 @@ async fn merges_a_crash_left_pending_are_applied_once_at_the_next_start() {
     }
     sink.flush().await.unwrap();
     assert_eq!(pending(&env).await, 2, "the merges of batches 2 and 4");
+    assert_eq!(
+        metrics.trailing_time.count(),
+        3,
+        "batches 0, 1 and 3 trailed"
+    );
+    assert_eq!(
+        metrics.trailing_pending.get(),
+        0.0,
+        "none is left in the writer"
+    );
     assert_aggregates_match_merged_transactions(&mut env.db().await).await;
     assert_eq!(env.transactions().await, 5 * BATCH as i64);
 
     // The next start (another process: a new sink) applies them before reading the offsets.
-    let restarted = connect(&env, &engine, true).await;
+    let restarted = connect(&env, &engine, true, Arc::default()).await;
     let offsets = restarted.load_offsets().await.unwrap();
     assert_eq!(
         offsets.get(&(env.topic.clone(), 0)),
@@ -170,7 +187,7 @@ async fn aggregates_over_features_merge_in_the_rows_transaction() {
     let pg = env.pg_sink().await;
     pg.prepare_aggregates(&stages).await.unwrap();
     assert!(
-        !pg.prepare_trailing(&stages, &engine.decided_schema(), true)
+        !pg.prepare_trailing(&stages, &engine.decided_schema(), true, Arc::default())
             .await
             .unwrap(),
         "card_tx_24h is a feature, not stored in transactions: its merges cannot be recomputed"

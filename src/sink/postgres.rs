@@ -289,6 +289,7 @@ impl PgSink {
         stages: &Arc<Vec<AggregateStage>>,
         decided: &Schema,
         enabled: bool,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<bool, SinkError> {
         let stored = stored_schema(decided)?;
         let recovery = over_stored_columns(stages, &stored).await;
@@ -299,7 +300,7 @@ impl PgSink {
         let writer = trails.then(|| {
             let mut inner = self.clone();
             inner.trailing = Arc::default();
-            Writer::spawn(inner, self.retry_ms.0, self.retry_ms.1)
+            Writer::spawn(inner, self.retry_ms.0, self.retry_ms.1, metrics)
         });
         *self.trailing.lock().expect("trailing lock") = Some(Trailing {
             writer,

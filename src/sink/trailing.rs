@@ -27,6 +27,7 @@ use super::labels::{canonical_rows, canonical_select};
 use super::postgres::PgSink;
 use crate::engine::aggregates::AggregateStage;
 use crate::engine::canonical::COLUMNS;
+use crate::metrics::Metrics;
 use crate::source::kafka::Backoff;
 
 /// The merges a commit of rows left pending.
@@ -50,6 +51,7 @@ enum Message {
 pub struct Writer {
     jobs: mpsc::Sender<Message>,
     failed: Arc<Mutex<Option<String>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Message {
@@ -64,10 +66,17 @@ impl std::fmt::Debug for Message {
 impl Writer {
     /// Start the task on the current runtime. It holds one merge in hand and one queued: a
     /// commit of rows that would queue a third waits (aggregates trail by at most two batches).
-    pub fn spawn(sink: PgSink, retry_initial_ms: u64, retry_max_ms: u64) -> Self {
+    /// `metrics`: `payguard_sink_trailing_pending` and `payguard_sink_trailing_merge_seconds`.
+    pub fn spawn(
+        sink: PgSink,
+        retry_initial_ms: u64,
+        retry_max_ms: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (jobs, mut rx) = mpsc::channel::<Message>(1);
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
         let failed_in_task = failed.clone();
+        let task_metrics = metrics.clone();
         tokio::spawn(async move {
             let mut backoff = Backoff::new(retry_initial_ms, retry_max_ms);
             while let Some(message) = rx.recv().await {
@@ -79,9 +88,13 @@ impl Writer {
                     }
                 };
                 loop {
+                    let started = std::time::Instant::now();
                     match sink.merge_pending(&job).await {
                         Ok(_) => {
                             backoff.reset();
+                            let m = &task_metrics;
+                            m.trailing_time.observe(started.elapsed().as_secs_f64());
+                            m.trailing_pending.add(-1.0);
                             break;
                         }
                         Err(e) if e.is_retryable() => {
@@ -103,7 +116,11 @@ impl Writer {
                 }
             }
         });
-        Self { jobs, failed }
+        Self {
+            jobs,
+            failed,
+            metrics,
+        }
     }
 
     /// The error that stopped the task, if it stopped.
@@ -117,6 +134,7 @@ impl Writer {
 
     /// Queue a merge (waits while the task has one in hand and one queued).
     pub async fn send(&self, job: Job) -> Result<(), SinkError> {
+        self.metrics.trailing_pending.add(1.0);
         if self.jobs.send(Message::Merge(job)).await.is_err() {
             return Err(self.stopped());
         }
