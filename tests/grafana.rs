@@ -705,7 +705,7 @@ fn provisioning_is_consistent_and_every_promql_metric_is_exported() {
     );
     let rules = alert_rules();
     let titles: Vec<&str> = rules.iter().map(|r| r["title"].as_str().unwrap()).collect();
-    assert_eq!(titles.len(), 5, "{titles:?}");
+    assert_eq!(titles.len(), 6, "{titles:?}");
     for r in &rules {
         let title = r["title"].as_str().unwrap();
         let refs: BTreeSet<&str> = r["data"]
