@@ -124,6 +124,26 @@ pub struct PgSink {
     trailing: Arc<Mutex<Option<Trailing>>>,
     /// `postgres.retry_initial_ms` and `retry_max_ms` (the trailing writer's backoff).
     retry_ms: (u64, u64),
+    /// The commit of rows whose COMMIT was sent and not answered (the connection was lost):
+    /// whether it landed is asked of the database before the batch is tried again.
+    in_doubt: Arc<Mutex<Option<InDoubt>>>,
+}
+
+/// A commit of rows that may or may not have landed ([`PgSink::commit`] resolves it).
+#[derive(Debug, Clone, Copy)]
+struct InDoubt {
+    /// [`SinkBatch::seq`] of the batch.
+    batch: u64,
+    /// Its `commit_seq` (0: it had no rows).
+    seq: i64,
+    /// Rows it inserted.
+    rows: u64,
+    /// Whether it left its merges pending (trailing).
+    trailing: bool,
+    /// The event-time range of its rows.
+    first: chrono::DateTime<chrono::Utc>,
+    /// See `first`.
+    last: chrono::DateTime<chrono::Utc>,
 }
 
 /// Trailing aggregate merges ([`trailing`]).
@@ -235,6 +255,7 @@ impl PgSink {
             paths: Arc::default(),
             trailing: Arc::default(),
             retry_ms: (cfg.retry_initial_ms, cfg.retry_max_ms),
+            in_doubt: Arc::default(),
         })
     }
 
@@ -426,7 +447,10 @@ impl PgSink {
         if let Some(e) = writer.as_ref().and_then(Writer::failure) {
             return Err(e);
         }
-        let outcome = self.commit_rows(batch, writer.is_some()).await?;
+        let outcome = match self.landed(batch).await? {
+            Some(stats) => CommitOutcome::Committed(stats),
+            None => self.commit_rows(batch, writer.is_some()).await?,
+        };
         if let (CommitOutcome::Committed(stats), Some(w)) = (&outcome, &writer)
             && let Some(seq) = stats.trailing
         {
@@ -438,6 +462,66 @@ impl PgSink {
             .await?;
         }
         Ok(outcome)
+    }
+
+    /// When the last attempt to commit `batch` lost its connection after sending COMMIT: the
+    /// stats of that commit if it landed (the batch must not be committed again; its offsets
+    /// would refuse it), `None` if it did not (commit the batch). Asks the database: the stored
+    /// offsets of the batch's partitions are its `next` ones, or (a batch without offsets) its
+    /// rows are stored under its `commit_seq`. Stays in doubt while the database cannot answer.
+    async fn landed(&self, batch: &SinkBatch) -> Result<Option<CommitStats>, SinkError> {
+        let Some(d) = *self.in_doubt.lock().expect("in-doubt lock") else {
+            return Ok(None);
+        };
+        if d.batch != batch.seq {
+            *self.in_doubt.lock().expect("in-doubt lock") = None;
+            return Ok(None);
+        }
+        let landed = if !batch.offsets.is_empty() {
+            let rows = sqlx::query(
+                "SELECT topic, kafka_partition, next_offset FROM consumer_offsets WHERE pipeline = $1",
+            )
+            .bind(&self.pipeline)
+            .fetch_all(&self.pool)
+            .await?;
+            let stored: HashMap<(String, i32), i64> = rows
+                .into_iter()
+                .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+                .collect();
+            batch.offsets.iter().any(|o| o.expected != Some(o.next))
+                && batch
+                    .offsets
+                    .iter()
+                    .all(|o| stored.get(&(o.topic.clone(), o.partition)) == Some(&o.next))
+        } else if d.rows > 0 {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM transactions \
+                 WHERE commit_seq = $1 AND event_time BETWEEN $2 AND $3)",
+            )
+            .bind(d.seq)
+            .bind(d.first)
+            .bind(d.last)
+            .fetch_one(&self.pool)
+            .await?
+        } else {
+            false
+        };
+        *self.in_doubt.lock().expect("in-doubt lock") = None;
+        tracing::warn!(
+            seq = batch.seq,
+            landed,
+            "the connection was lost after COMMIT was sent; {}",
+            if landed {
+                "the commit had landed, it is not repeated"
+            } else {
+                "the commit had not landed, the batch is committed again"
+            }
+        );
+        Ok(landed.then(|| CommitStats {
+            inserted: d.rows,
+            duplicates: 0,
+            trailing: d.trailing.then_some(d.seq),
+        }))
     }
 
     /// The rows' transaction of a batch. With `trail`, its aggregate merges are not applied but
@@ -537,9 +621,9 @@ impl PgSink {
         }
         let t_other = t0.elapsed();
         let trailing = trail && rows > 0;
+        let (first, last) = event_time_range(&projected);
         let mut remember = Vec::new();
         if trailing {
-            let (first, last) = event_time_range(&projected);
             sqlx::query(
                 "INSERT INTO sink_pending_aggregates \
                  (pipeline, commit_seq, first_event_time, last_event_time, rows) \
@@ -558,7 +642,16 @@ impl PgSink {
                 .await?;
         }
         let t_aggregates = t0.elapsed();
+        *self.in_doubt.lock().expect("in-doubt lock") = Some(InDoubt {
+            batch: batch.seq,
+            seq,
+            rows,
+            trailing,
+            first,
+            last,
+        });
         tx.commit().await?;
+        *self.in_doubt.lock().expect("in-doubt lock") = None;
         self.remember(remember);
         tracing::debug!(
             rows,

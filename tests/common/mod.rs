@@ -358,9 +358,39 @@ impl TestEnv {
     {
         let start = Instant::now();
         while !cond().await {
-            assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+            if start.elapsed() >= timeout {
+                panic!(
+                    "timed out waiting for {what}\n{}",
+                    self.process_logs_tail(60)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The last `lines` lines of every spawned process's log (for a failing test's message).
+    pub fn process_logs_tail(&self, lines: usize) -> String {
+        let mut logs: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.retain(|p: &std::path::PathBuf| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("process-"))
+        });
+        logs.sort();
+        let mut out = String::new();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            out += &format!("--- {} (last {} lines)\n", p.display(), all.len() - from);
+            for l in &all[from..] {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
