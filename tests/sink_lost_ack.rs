@@ -13,11 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
-use common::{TestEnv, assert_aggregates_match_transactions};
+use common::{TestEnv, assert_aggregates_match_transactions, prepare_sink, sink_batch};
 use payguard::engine::Engine;
-use payguard::sink::postgres::PgSink;
-use payguard::sink::{Sink, SinkBatch};
-use payguard::source::OffsetCommit;
+use payguard::sink::Sink;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -128,57 +126,23 @@ async fn lose_the_second_commit(name: &str, trail: bool, cut: Cut, offsets: bool
             .insert("trail_aggregates".into(), trail.into());
     })
     .await;
-    let mut config = payguard::config::load(&env.config).unwrap();
-    let url = config.postgres.url.clone();
+    let config = payguard::config::load(&env.config).unwrap();
+    let url = &config.postgres.url;
     let host_port = url.split('@').nth(1).unwrap().split('/').next().unwrap();
     let proxy = Proxy::start(host_port.to_string()).await;
-    config.postgres.url = url.replace(host_port, &proxy.addr.to_string());
+    let proxied = url.replace(host_port, &proxy.addr.to_string());
 
     let mut engine = Engine::new(&config).await.unwrap();
     let data = payguard::bench::canonical_rows(&config, 3 * BATCH, 0.0)
         .await
         .unwrap();
-    let pg = PgSink::connect(
-        &config.postgres,
-        &config.resolve(&config.postgres.migrations),
-        &env.pipeline,
-    )
-    .await
-    .unwrap();
-    pg.prepare_aggregates(&engine.aggregates()).await.unwrap();
-    assert_eq!(
-        pg.prepare_trailing(
-            &engine.aggregates(),
-            &engine.decided_schema(),
-            trail,
-            Arc::default()
-        )
-        .await
-        .unwrap(),
-        trail
-    );
+    let pg = env.pg_sink_via(Some(proxied)).await;
+    let pg = prepare_sink(pg, &engine, trail, Arc::default()).await;
     let sink = Sink::Postgres(pg);
     for i in 0..3 {
         let rows = engine.decide(&data.slice(i * BATCH, BATCH)).await.unwrap();
-        let mut b = SinkBatch {
-            seq: i as u64,
-            messages: BATCH,
-            transactions: vec![rows],
-            aggregate_stages: engine.aggregates(),
-            aggregates_pending: true,
-            offsets: offsets
-                .then(|| OffsetCommit {
-                    source: 0,
-                    topic: env.topic.clone(),
-                    partition: 0,
-                    expected: (i > 0).then_some((i * BATCH) as i64),
-                    next: ((i + 1) * BATCH) as i64,
-                })
-                .into_iter()
-                .collect(),
-            ..SinkBatch::default()
-        };
-        b.compute_aggregates().await.unwrap();
+        let topic = offsets.then_some(env.topic.as_str());
+        let mut b = sink_batch(&engine, i, i * BATCH, rows, topic).await;
         if i == 1 {
             // The writer's merges of batch 0 done first: the next COMMIT is the rows' one.
             sink.flush().await.unwrap();

@@ -1,10 +1,10 @@
 //! Trailing aggregate merges (`postgres.trail_aggregates`) against the real PostgreSQL server,
 //! with the shipped SQL and model: batches whose merges trail the rows on a second connection,
 //! batches whose process "crashed" between the commit of their rows and their merges (the rows'
-//! transaction alone, [`PgSink::commit_rows`]), and a producer retry among them. At every step
-//! the aggregates equal their recomputation from the stored rows whose merges are not pending;
-//! the next start applies the pending ones once, and a late merge of an applied commit merges
-//! nothing.
+//! transaction alone, [`payguard::sink::postgres::PgSink::commit_rows`]), and a producer retry
+//! among them. At every step the aggregates equal their recomputation from the stored rows whose
+//! merges are not pending; the next start applies the pending ones once, and a late merge of an
+//! applied commit merges nothing.
 
 mod common;
 
@@ -12,63 +12,14 @@ use std::sync::Arc;
 
 use common::{
     TestEnv, assert_aggregates_match_merged_transactions, assert_aggregates_match_transactions,
+    prepare_sink, sink_batch,
 };
-use datafusion::arrow::array::RecordBatch;
 use payguard::engine::Engine;
 use payguard::engine::aggregates::AggregateStage;
 use payguard::metrics::Metrics;
-use payguard::sink::postgres::PgSink;
-use payguard::sink::{CommitOutcome, Sink, SinkBatch, trailing};
-use payguard::source::OffsetCommit;
+use payguard::sink::{CommitOutcome, Sink, trailing};
 
 const BATCH: usize = 400;
-
-async fn connect(env: &TestEnv, engine: &Engine, trail: bool, metrics: Arc<Metrics>) -> PgSink {
-    let pg = env.pg_sink().await;
-    pg.prepare_aggregates(&engine.aggregates()).await.unwrap();
-    assert_eq!(
-        pg.prepare_trailing(
-            &engine.aggregates(),
-            &engine.decided_schema(),
-            trail,
-            metrics,
-        )
-        .await
-        .unwrap(),
-        trail,
-        "the shipped aggregates read only stored columns"
-    );
-    pg
-}
-
-/// Batch `i`: decided `rows`, its partial aggregates, and the offsets it advances (partition
-/// 0 of `topic`, one offset a row, `at` rows before it).
-async fn sink_batch(
-    engine: &Engine,
-    i: usize,
-    at: usize,
-    rows: RecordBatch,
-    topic: &str,
-) -> SinkBatch {
-    let n = rows.num_rows();
-    let mut b = SinkBatch {
-        seq: i as u64,
-        messages: n,
-        transactions: vec![rows],
-        aggregate_stages: engine.aggregates(),
-        aggregates_pending: true,
-        offsets: vec![OffsetCommit {
-            source: 0,
-            topic: topic.into(),
-            partition: 0,
-            expected: (at > 0).then_some(at as i64),
-            next: (at + n) as i64,
-        }],
-        ..SinkBatch::default()
-    };
-    b.compute_aggregates().await.unwrap();
-    b
-}
 
 async fn pending(env: &TestEnv) -> i64 {
     env.scalar("SELECT count(*) FROM sink_pending_aggregates")
@@ -89,14 +40,14 @@ async fn merges_a_crash_left_pending_are_applied_once_at_the_next_start() {
     }
 
     let metrics = Arc::new(Metrics::default());
-    let pg = connect(&env, &engine, true, metrics.clone()).await;
+    let pg = prepare_sink(env.pg_sink().await, &engine, true, metrics.clone()).await;
     let sink = Sink::Postgres(pg.clone());
     let mut at = 0;
     let mut jobs = Vec::new();
     // Batches 0, 1 and 3 commit as the pipeline does (merges handed to the trailing writer);
     // the process "crashes" right after the rows of batches 2 and 4 (their merges stay pending).
     for (i, rows) in decided.iter().take(5).enumerate() {
-        let mut b = sink_batch(&engine, i, at, rows.clone(), &env.topic).await;
+        let mut b = sink_batch(&engine, i, at, rows.clone(), Some(&env.topic)).await;
         at += BATCH;
         if i == 2 || i == 4 {
             let CommitOutcome::Committed(stats) = pg.commit_rows(&b, true).await.unwrap() else {
@@ -134,7 +85,7 @@ async fn merges_a_crash_left_pending_are_applied_once_at_the_next_start() {
     assert_eq!(env.transactions().await, 5 * BATCH as i64);
 
     // The next start (another process: a new sink) applies them before reading the offsets.
-    let restarted = connect(&env, &engine, true, Arc::default()).await;
+    let restarted = prepare_sink(env.pg_sink().await, &engine, true, Arc::default()).await;
     let offsets = restarted.load_offsets().await.unwrap();
     assert_eq!(
         offsets.get(&(env.topic.clone(), 0)),
@@ -156,7 +107,7 @@ async fn merges_a_crash_left_pending_are_applied_once_at_the_next_start() {
         [&decided[1], &decided[5]],
     )
     .unwrap();
-    let mut b = sink_batch(&engine, 5, at, retried, &env.topic).await;
+    let mut b = sink_batch(&engine, 5, at, retried, Some(&env.topic)).await;
     let stats = sink.commit_dedup(&mut b).await.unwrap();
     assert_eq!(
         (stats.inserted, stats.duplicates),

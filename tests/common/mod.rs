@@ -227,7 +227,16 @@ impl TestEnv {
     /// A connection to this test's database.
     /// A PostgreSQL sink on this test's database, migrations applied, as `run` connects it.
     pub async fn pg_sink(&self) -> payguard::sink::postgres::PgSink {
-        let config = payguard::config::load(&self.config).unwrap();
+        self.pg_sink_via(None).await
+    }
+
+    /// [`TestEnv::pg_sink`] connecting to `url` instead of the config's (a proxy of the same
+    /// database).
+    pub async fn pg_sink_via(&self, url: Option<String>) -> payguard::sink::postgres::PgSink {
+        let mut config = payguard::config::load(&self.config).unwrap();
+        if let Some(url) = url {
+            config.postgres.url = url;
+        }
         payguard::sink::postgres::PgSink::connect(
             &config.postgres,
             &config.resolve(&config.postgres.migrations),
@@ -924,4 +933,61 @@ async fn aggregate_differences(
         out.push((*table, stored, diff));
     }
     out
+}
+
+/// `pg` ready for the batches of `engine`, as `run` prepares it: aggregate tables created and
+/// trailing merges set up as `trail` (asserted possible: the shipped aggregates read only stored
+/// columns).
+pub async fn prepare_sink(
+    pg: payguard::sink::postgres::PgSink,
+    engine: &payguard::engine::Engine,
+    trail: bool,
+    metrics: std::sync::Arc<payguard::metrics::Metrics>,
+) -> payguard::sink::postgres::PgSink {
+    pg.prepare_aggregates(&engine.aggregates()).await.unwrap();
+    assert_eq!(
+        pg.prepare_trailing(
+            &engine.aggregates(),
+            &engine.decided_schema(),
+            trail,
+            metrics,
+        )
+        .await
+        .unwrap(),
+        trail,
+        "the shipped aggregates read only stored columns"
+    );
+    pg
+}
+
+/// Batch `i` of decided `rows` with its partial aggregates; with a `topic`, the offsets it
+/// advances on its partition 0 (one offset a row, `at` rows before it).
+pub async fn sink_batch(
+    engine: &payguard::engine::Engine,
+    i: usize,
+    at: usize,
+    rows: datafusion::arrow::array::RecordBatch,
+    topic: Option<&str>,
+) -> payguard::sink::SinkBatch {
+    let n = rows.num_rows();
+    let mut b = payguard::sink::SinkBatch {
+        seq: i as u64,
+        messages: n,
+        transactions: vec![rows],
+        aggregate_stages: engine.aggregates(),
+        aggregates_pending: true,
+        offsets: topic
+            .map(|topic| payguard::source::OffsetCommit {
+                source: 0,
+                topic: topic.into(),
+                partition: 0,
+                expected: (at > 0).then_some(at as i64),
+                next: (at + n) as i64,
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    b.compute_aggregates().await.unwrap();
+    b
 }
