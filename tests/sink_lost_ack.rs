@@ -4,7 +4,8 @@
 //! transaction committed, the sink sees an error). Retrying the same batch, as the pipeline
 //! does, must store it exactly once in both cases: the sink asks the database whether the
 //! commit landed before trying again (a lost answer used to be retried into the offsets' fence
-//! and stop the pipeline).
+//! and stop the pipeline). A trailing merge cut the same way is applied once: its retry finds
+//! its `sink_pending_aggregates` record gone when the first attempt landed.
 
 mod common;
 
@@ -14,8 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use common::{TestEnv, assert_aggregates_match_transactions, prepare_sink, sink_batch};
+use datafusion::arrow::array::RecordBatch;
 use payguard::engine::Engine;
-use payguard::sink::Sink;
+use payguard::sink::postgres::PgSink;
+use payguard::sink::{CommitOutcome, Sink, trailing};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -115,10 +118,17 @@ async fn pump(client: TcpStream, server: TcpStream, armed: Arc<AtomicU8>) {
     }
 }
 
-/// Commit three batches through the proxy, the second with its COMMIT cut as `cut`, retried
-/// as the pipeline retries; everything must be stored once. Without `offsets` the batches
-/// advance no offset (as from a source without any): the sink then looks for the rows.
-async fn lose_the_second_commit(name: &str, trail: bool, cut: Cut, offsets: bool) {
+/// A test's database behind a [`Proxy`], a sink connected through it, the shipped engine and
+/// `3 * BATCH` canonical rows.
+struct Setup {
+    env: TestEnv,
+    proxy: Proxy,
+    engine: Engine,
+    data: RecordBatch,
+    pg: PgSink,
+}
+
+async fn setup(name: &str, trail: bool) -> Setup {
     let env = TestEnv::new(name, |t| {
         t["postgres"]
             .as_table_mut()
@@ -131,13 +141,32 @@ async fn lose_the_second_commit(name: &str, trail: bool, cut: Cut, offsets: bool
     let host_port = url.split('@').nth(1).unwrap().split('/').next().unwrap();
     let proxy = Proxy::start(host_port.to_string()).await;
     let proxied = url.replace(host_port, &proxy.addr.to_string());
-
-    let mut engine = Engine::new(&config).await.unwrap();
+    let engine = Engine::new(&config).await.unwrap();
     let data = payguard::bench::canonical_rows(&config, 3 * BATCH, 0.0)
         .await
         .unwrap();
     let pg = env.pg_sink_via(Some(proxied)).await;
     let pg = prepare_sink(pg, &engine, trail, Arc::default()).await;
+    Setup {
+        env,
+        proxy,
+        engine,
+        data,
+        pg,
+    }
+}
+
+/// Commit three batches through the proxy, the second with its COMMIT cut as `cut`, retried
+/// as the pipeline retries; everything must be stored once. Without `offsets` the batches
+/// advance no offset (as from a source without any): the sink then looks for the rows.
+async fn lose_the_second_commit(name: &str, trail: bool, cut: Cut, offsets: bool) {
+    let Setup {
+        env,
+        proxy,
+        mut engine,
+        data,
+        pg,
+    } = setup(name, trail).await;
     let sink = Sink::Postgres(pg);
     for i in 0..3 {
         let rows = engine.decide(&data.slice(i * BATCH, BATCH)).await.unwrap();
@@ -197,4 +226,43 @@ async fn a_lost_answer_to_commit_is_not_committed_twice_in_one_transaction() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_commit_lost_on_its_way_is_committed_again() {
     lose_the_second_commit("lostack_before", true, Cut::BeforeCommit, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trailing_merge_whose_commit_is_cut_is_applied_once() {
+    let Setup {
+        env,
+        proxy,
+        mut engine,
+        data,
+        pg,
+    } = setup("lostack_merge", true).await;
+    let pending = || env.scalar("SELECT count(*) FROM sink_pending_aggregates");
+    for (i, cut) in [Cut::AnswerOfCommit, Cut::BeforeCommit]
+        .into_iter()
+        .enumerate()
+    {
+        let rows = engine.decide(&data.slice(i * BATCH, BATCH)).await.unwrap();
+        let b = sink_batch(&engine, i, i * BATCH, rows, Some(&env.topic)).await;
+        let CommitOutcome::Committed(stats) = pg.commit_rows(&b, true).await.unwrap() else {
+            panic!("no duplicates here");
+        };
+        let job = trailing::Job {
+            seq: stats.trailing.expect("the merges trail"),
+            stages: b.aggregate_stages.clone(),
+            aggregates: b.aggregates.clone(),
+        };
+        proxy.arm(cut);
+        let e = pg.merge_pending(&job).await.expect_err("cut at COMMIT");
+        assert!(
+            e.is_retryable(),
+            "the writer retries a lost connection: {e}"
+        );
+        let landed = cut == Cut::AnswerOfCommit;
+        assert_eq!(pending().await, i64::from(!landed), "{cut:?}");
+        // The writer's retry: merges only when the first attempt did not land.
+        assert_eq!(pg.merge_pending(&job).await.unwrap(), !landed, "{cut:?}");
+        assert_eq!(pending().await, 0);
+        assert_aggregates_match_transactions(&mut env.db().await).await;
+    }
 }
