@@ -377,6 +377,11 @@ impl PgSink {
     /// are applied (after [`PgSink::prepare_trailing`]).
     pub async fn load_offsets(&self) -> Result<StoredOffsets, SinkError> {
         self.apply_pending().await?;
+        self.stored_offsets().await
+    }
+
+    /// Offsets stored for this pipeline.
+    async fn stored_offsets(&self) -> Result<StoredOffsets, SinkError> {
         let rows = sqlx::query(
             "SELECT topic, kafka_partition, next_offset FROM consumer_offsets WHERE pipeline = $1",
         )
@@ -478,16 +483,7 @@ impl PgSink {
             return Ok(None);
         }
         let landed = if !batch.offsets.is_empty() {
-            let rows = sqlx::query(
-                "SELECT topic, kafka_partition, next_offset FROM consumer_offsets WHERE pipeline = $1",
-            )
-            .bind(&self.pipeline)
-            .fetch_all(&self.pool)
-            .await?;
-            let stored: HashMap<(String, i32), i64> = rows
-                .into_iter()
-                .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-                .collect();
+            let stored = self.stored_offsets().await?;
             batch.offsets.iter().any(|o| o.expected != Some(o.next))
                 && batch
                     .offsets
@@ -510,7 +506,7 @@ impl PgSink {
         tracing::warn!(
             seq = batch.seq,
             landed,
-            "the connection was lost after COMMIT was sent; {}",
+            "the last COMMIT of this batch got no answer; {}",
             if landed {
                 "the commit had landed, it is not repeated"
             } else {
