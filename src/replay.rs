@@ -20,7 +20,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{
     SortColumn, concat_batches, lexsort_to_indices, take_record_batch,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, TimeUnit};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
@@ -395,27 +395,28 @@ fn with_labels(
         scenario.push(l.and_then(|l| l.scenario.clone()));
         reported.push(l.and_then(|l| l.reported_at));
     }
-    let mut fields: Vec<Field> = decided
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new("label", DataType::Boolean, false));
-    fields.push(Field::new("label_scenario", DataType::Utf8, true));
-    fields.push(Field::new(
-        "label_reported_at",
-        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-        true,
-    ));
-    let mut cols: Vec<ArrayRef> = decided.columns().to_vec();
-    cols.push(Arc::new(BooleanArray::from(fraud)));
-    cols.push(Arc::new(StringArray::from(scenario)));
-    cols.push(Arc::new(
-        TimestampMillisecondArray::from(reported).with_timezone("UTC"),
-    ));
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
-        .map_err(|e| ReplayError::Data(e.to_string()))
+    crate::engine::with_columns(
+        decided,
+        [
+            (
+                Field::new("label", DataType::Boolean, false),
+                Arc::new(BooleanArray::from(fraud)) as ArrayRef,
+            ),
+            (
+                Field::new("label_scenario", DataType::Utf8, true),
+                Arc::new(StringArray::from(scenario)),
+            ),
+            (
+                Field::new(
+                    "label_reported_at",
+                    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                    true,
+                ),
+                Arc::new(TimestampMillisecondArray::from(reported).with_timezone("UTC")),
+            ),
+        ],
+    )
+    .map_err(|e| ReplayError::Data(e.to_string()))
 }
 
 fn count_decisions(b: &RecordBatch, summary: &mut ReplaySummary) {

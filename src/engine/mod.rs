@@ -1109,6 +1109,21 @@ fn count_before(canonical: &RecordBatch, watermark: i64) -> usize {
         .count()
 }
 
+/// `batch` with `extra` columns appended (their fields and arrays), for the stages that widen
+/// a batch: window columns, the sink's `commit_seq` and alert features, replay's labels.
+pub fn with_columns(
+    batch: &RecordBatch,
+    extra: impl IntoIterator<Item = (Field, ArrayRef)>,
+) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+    let mut fields: Vec<_> = batch.schema().fields().iter().cloned().collect();
+    let mut columns = batch.columns().to_vec();
+    for (field, array) in extra {
+        fields.push(Arc::new(field));
+        columns.push(array);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

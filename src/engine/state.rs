@@ -1645,19 +1645,16 @@ pub fn append_columns(
     batch: &RecordBatch,
     columns: Vec<ArrayRef>,
 ) -> Result<RecordBatch, ArrowError> {
-    let mut fields: Vec<_> = batch.schema().fields().iter().cloned().collect();
-    let mut cols = batch.columns().to_vec();
-    for (i, c) in columns.into_iter().enumerate() {
-        fields.push(Arc::new(datafusion::arrow::datatypes::Field::new(
-            format!("__w{i}"),
-            c.data_type().clone(),
-            true,
-        )));
-        cols.push(c);
-    }
-    RecordBatch::try_new(
-        Arc::new(datafusion::arrow::datatypes::Schema::new(fields)),
-        cols,
+    super::with_columns(
+        batch,
+        columns.into_iter().enumerate().map(|(i, c)| {
+            let field = datafusion::arrow::datatypes::Field::new(
+                format!("__w{i}"),
+                c.data_type().clone(),
+                true,
+            );
+            (field, c)
+        }),
     )
 }
 

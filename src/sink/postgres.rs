@@ -1148,7 +1148,8 @@ async fn over_stored_columns(
     Ok(Arc::new(out))
 }
 
-/// The first and last event time of stored rows ([`stored_rows`]; none are empty).
+/// The first and last event time of stored rows ([`stored_rows`]; the epoch twice when there
+/// are none).
 fn event_time_range(
     batches: &[RecordBatch],
 ) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
@@ -1302,17 +1303,7 @@ fn project(b: &RecordBatch, cols: &[&str]) -> Result<RecordBatch, SinkError> {
 
 /// `b` with one more column at the end.
 fn with_column(b: &RecordBatch, field: Field, array: ArrayRef) -> Result<RecordBatch, SinkError> {
-    let mut fields: Vec<Field> = b
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(field);
-    let mut columns = b.columns().to_vec();
-    columns.push(array);
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-        .map_err(|e| internal(e.to_string()))
+    crate::engine::with_columns(b, [(field, array)]).map_err(|e| internal(e.to_string()))
 }
 
 /// Alert rows (decision other than approve) with their features as one JSON column.
