@@ -10,7 +10,9 @@
 #   postgres.sh status   say whether it runs
 #
 # URL for tests: postgresql://payguard:payguard@127.0.0.1:5432/payguard
-# Environment: PG_VERSION (default 15), PG_CLUSTER (default main), PG_PORT (5432).
+# Environment: PG_VERSION (default 15), PG_CLUSTER (default main), PG_PORT (5432),
+# PG_TIMESCALEDB=1 (preload TimescaleDB with the settings its README asks for; .ci/timescaledb.sh
+# starts its cluster "tsdb" on 5433 that way).
 # Runs as root; SQL runs as the postgres OS user over the local socket (peer).
 set -euo pipefail
 
@@ -28,6 +30,23 @@ declare -A SETTINGS=(
   [max_connections]=200
   [shared_buffers]=512MB
 )
+
+# With PG_TIMESCALEDB=1, the settings TimescaleDB needs, in the cluster's conf.d (ALTER SYSTEM
+# refuses timescaledb.* before the library is loaded). 8 worker processes are too few for its
+# policy jobs.
+TIMESCALEDB_CONF="shared_preload_libraries = 'timescaledb'
+max_worker_processes = 32
+timescaledb.telemetry_level = off"
+
+# Write the conf.d file when PG_TIMESCALEDB=1; prints "changed" if it did.
+write_timescaledb_conf() {
+  [[ "${PG_TIMESCALEDB:-}" == 1 ]] || return 0
+  local f="/etc/postgresql/$PG_VERSION/$PG_CLUSTER/conf.d/timescaledb.conf"
+  [[ -f "$f" && "$(cat "$f")" == "$TIMESCALEDB_CONF" ]] && return 0
+  mkdir -p "$(dirname "$f")"
+  printf '%s\n' "$TIMESCALEDB_CONF" > "$f"
+  echo changed
+}
 
 say() { echo "[postgres] $*"; }
 die() { echo "[postgres] ERROR: $*" >&2; exit 1; }
@@ -102,7 +121,12 @@ cmd_start() {
     say "creating cluster $PG_VERSION/$PG_CLUSTER"
     pg_createcluster "$PG_VERSION" "$PG_CLUSTER" --port "$PG_PORT" >/dev/null
   fi
-  if is_running; then
+  local conf
+  conf="$(write_timescaledb_conf)"
+  if is_running && [[ -n "$conf" ]]; then
+    say "restarting cluster $PG_VERSION/$PG_CLUSTER to preload timescaledb"
+    pgctl restart
+  elif is_running; then
     say "cluster $PG_VERSION/$PG_CLUSTER already running"
   else
     say "starting cluster $PG_VERSION/$PG_CLUSTER"

@@ -4,12 +4,18 @@
 #
 #   services.sh up     kcat (apt, if missing), ONNX Runtime library, Prometheus
 #                      (apt, if missing; started by tests/grafana.rs itself),
-#                      PostgreSQL 15, Kafka (install + start + wait)
-#   services.sh down   stop Kafka, then PostgreSQL
+#                      PostgreSQL 15 (plain, cluster main on 5432), TimescaleDB
+#                      (the prebuilt build from ../shared/timescaledb/ when it has
+#                      one for this server: cluster tsdb on 5433; else the
+#                      TimescaleDB tests say they are skipped), Kafka (install +
+#                      start + wait)
+#   services.sh down   stop Kafka, then both PostgreSQL clusters
 #
 # After `up`, the connection settings are printed and also written to
 # ${PAYGUARD_CACHE:-$HOME/.cache/payguard}/services.env (source it):
 #   PAYGUARD_DATABASE_URL  postgresql://payguard:payguard@127.0.0.1:5432/payguard
+#   PAYGUARD_TIMESCALEDB_ADMIN_URL  postgresql://payguard:payguard@127.0.0.1:5433/payguard
+#                          (only when TimescaleDB is up)
 #   PAYGUARD_KAFKA_BROKERS 127.0.0.1:9092
 #   ORT_DYLIB_PATH         .../onnxruntime/lib/libonnxruntime.so
 set -euo pipefail
@@ -35,6 +41,7 @@ cmd_up() {
   ort="$("$CI_DIR/onnxruntime.sh")"
   "$CI_DIR/prometheus.sh" install
   "$CI_DIR/postgres.sh" start
+  "$CI_DIR/timescaledb.sh" start
   "$CI_DIR/kafka.sh" install
   "$CI_DIR/kafka.sh" start
   mkdir -p "$CACHE"
@@ -43,12 +50,19 @@ export PAYGUARD_DATABASE_URL=postgresql://payguard:payguard@127.0.0.1:5432/paygu
 export PAYGUARD_KAFKA_BROKERS=127.0.0.1:9092
 export ORT_DYLIB_PATH=$ort
 EOF
+  local ts
+  if ts="$("$CI_DIR/timescaledb.sh" url)"; then
+    echo "export PAYGUARD_TIMESCALEDB_ADMIN_URL=$ts" >> "$CACHE/services.env"
+  else
+    say "TimescaleDB: SKIPPED ($(cat "$CACHE/timescaledb.skip"))"
+  fi
   say "all services up in $((SECONDS - t0))s; settings in $CACHE/services.env:"
   sed 's/^export /  /' "$CACHE/services.env"
 }
 
 cmd_down() {
   "$CI_DIR/kafka.sh" stop
+  "$CI_DIR/timescaledb.sh" stop
   "$CI_DIR/postgres.sh" stop
   say "all services stopped"
 }

@@ -69,7 +69,9 @@ pub async fn connect_sink(
                         metrics.sink_ready.set(1.0);
                         return Ok(Sink::Postgres(s));
                     }
-                    Err(e @ SinkError::Migrate { .. }) => return Err(e.into()),
+                    Err(e @ (SinkError::Migrate { .. } | SinkError::SchemaTooOld { .. })) => {
+                        return Err(e.into());
+                    }
                     Err(e) => {
                         if cancel.is_cancelled() {
                             return Err(e.into());

@@ -909,8 +909,24 @@ fn check_shape(q: &Query, rows: usize, cols: &[(String, String, bool)]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_dashboard_and_alert_sql_query_runs_on_a_pipeline_database() {
+    dashboard_and_alert_sql(&common::admin_url(), "grafana_sql", false).await;
+}
+
+/// The same on TimescaleDB: hypertables, the continuous aggregate `transactions_per_minute`, the
+/// real `time_bucket`, and some chunks compressed before the queries run.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_dashboard_and_alert_sql_query_runs_on_a_timescaledb_pipeline_database() {
+    let Some(admin) = common::timescaledb_admin_url("Grafana SQL on TimescaleDB") else {
+        return;
+    };
+    dashboard_and_alert_sql(&admin, "grafana_sql_ts", true).await;
+}
+
+/// Run a pipeline into a database on the server `admin`, then every dashboard and alert query;
+/// `timescaledb`: the server has it, and the database must use it.
+async fn dashboard_and_alert_sql(admin: &str, name: &str, timescaledb: bool) {
     // Label feedback on (its own topic), consumed by the pipeline into `labels`.
-    let env = TestEnv::new("grafana_sql", |t| {
+    let env = TestEnv::with_services(name, admin, &common::brokers(), |t| {
         t["labels"]
             .as_table_mut()
             .unwrap()
@@ -963,7 +979,18 @@ async fn every_dashboard_and_alert_sql_query_runs_on_a_pipeline_database() {
         .scalar("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
         .await
         > 0;
-    if !has_timescale {
+    assert_eq!(has_timescale, timescaledb, "the database uses TimescaleDB");
+    if has_timescale {
+        // The oldest chunk of the stream compressed (the stream spans hours: with the default
+        // chunk interval of 7 days that is all or most of it): the queries read compressed data.
+        let compressed = env
+            .scalar(
+                "SELECT count(compress_chunk(c, if_not_compressed => true)) FROM \
+                 (SELECT c FROM show_chunks('transactions') c ORDER BY 1 LIMIT 1) s",
+            )
+            .await;
+        assert_eq!(compressed, 1, "a chunk of transactions compressed");
+    } else {
         sqlx::raw_sql(
             "CREATE FUNCTION time_bucket(bucket_width interval, ts timestamptz) RETURNS timestamptz \
              LANGUAGE sql IMMUTABLE AS $$ SELECT date_bin(bucket_width, ts, TIMESTAMPTZ '2000-01-03 00:00:00+00') $$",

@@ -22,7 +22,22 @@ const KILLS: usize = 12;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_under_load_loses_and_repeats_nothing() {
-    let env = TestEnv::new("crash", |t| {
+    sigkill_under_load(&common::admin_url(), "crash").await;
+}
+
+/// The same on TimescaleDB. The simulated payments are weeks old, older than
+/// `postgres.compress_after` (7 days): the compression policy's job compresses their chunks while
+/// rows keep landing in them.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_moments_under_load_loses_and_repeats_nothing_on_timescaledb() {
+    let Some(admin) = common::timescaledb_admin_url("sigkill on TimescaleDB") else {
+        return;
+    };
+    sigkill_under_load(&admin, "crash_ts").await;
+}
+
+async fn sigkill_under_load(admin: &str, name: &str) {
+    let env = TestEnv::with_services(name, admin, &common::brokers(), |t| {
         let p = t["pipeline"].as_table_mut().unwrap();
         p.insert("batch_max_rows".into(), 1000.into());
         p.insert("batch_max_wait_ms".into(), 50.into());

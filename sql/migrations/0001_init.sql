@@ -1,7 +1,7 @@
 -- Payguard schema, version 1: scored transactions, alerts, dead letters and consumer offsets.
 -- (Windowed aggregate tables agg_<name> are created at start from sql/aggregates/*.sql.)
--- Works on plain PostgreSQL; when the timescaledb extension is available, `transactions` and
--- `dead_letters` become hypertables on their time column (same columns, same query results).
+-- Works on plain PostgreSQL; when the timescaledb extension is available, `transactions`, `alerts`
+-- and `dead_letters` become hypertables on their time column (same columns, same query results).
 
 CREATE TABLE IF NOT EXISTS transactions (
     transaction_id  text            NOT NULL,
@@ -81,9 +81,13 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
     PRIMARY KEY (pipeline, topic, kafka_partition)
 );
 
+-- TimescaleDB is used when the server has it installed *and* preloaded (its library is loaded, so
+-- its settings show in pg_settings): an installed but not preloaded TimescaleDB refuses CREATE
+-- EXTENSION with a FATAL error, and the schema stays plain PostgreSQL (the sink warns at start).
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
+       AND EXISTS (SELECT 1 FROM pg_settings WHERE name LIKE 'timescaledb.%') THEN
         CREATE EXTENSION IF NOT EXISTS timescaledb;
         PERFORM create_hypertable('transactions', 'event_time', if_not_exists => TRUE, migrate_data => TRUE);
         PERFORM create_hypertable('alerts', 'event_time', if_not_exists => TRUE, migrate_data => TRUE);

@@ -44,6 +44,20 @@ pub enum SinkError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    /// The database lacks migrations this binary needs after applying those of `dir` (a
+    /// migrations directory of an earlier release).
+    #[error(
+        "database schema ({dir}): migrations {missing} are not applied; this binary needs \
+         versions 1-{needed}: point postgres.migrations at this release's sql/migrations"
+    )]
+    SchemaTooOld {
+        /// Migrations directory.
+        dir: String,
+        /// The versions missing, e.g. "6, 7".
+        missing: String,
+        /// The newest version this binary needs.
+        needed: i64,
+    },
     /// A concurrent writer inserted a group of an aggregate table that this batch also inserts
     /// (its transaction committed after this merge looked). Retrying the batch merges into it.
     #[error(
@@ -99,7 +113,10 @@ impl SinkError {
                 _ => false,
             },
             Self::ConcurrentGroup { .. } => true,
-            Self::Internal(_) | Self::Fenced { .. } | Self::Migrate { .. } => false,
+            Self::Internal(_)
+            | Self::Fenced { .. }
+            | Self::Migrate { .. }
+            | Self::SchemaTooOld { .. } => false,
         }
     }
 }

@@ -189,6 +189,82 @@ const UNIQUE_VIOLATION: &str = "23505";
 /// Rows encoded per COPY message sent.
 const COPY_SLICE_ROWS: usize = 2048;
 
+/// The schema version this binary reads and writes: every shipped migration up to it must be
+/// applied (`sql/migrations/0007_*`).
+pub const SCHEMA_VERSION: i64 = 7;
+
+/// Earlier texts of shipped migrations whose change does not alter what they did on any database
+/// that recorded them: (version, SHA-384 of the earlier text, as sqlx records it). A database that
+/// applied an earlier text is recorded as having applied the current one, so that sqlx's checksum
+/// check does not refuse it.
+/// - 0001 made the schema TimescaleDB's whenever the extension was *installed*; it now asks for it
+///   to be preloaded too. An installed but not preloaded TimescaleDB failed the earlier text (FATAL
+///   at CREATE EXTENSION), so every database that recorded it got what the current text gives.
+pub const SUPERSEDED_MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "11899a5bde5ddb3a92af66c58f1dbf0c3b55529766469b2fc1de6c8ec85765f3650cb9b844a593e35cb5d24cdd7f15d9",
+)];
+
+/// Record the current text of every [`SUPERSEDED_MIGRATIONS`] entry that the database recorded
+/// under its earlier text.
+async fn accept_superseded_migrations(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), SinkError> {
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !recorded {
+        return Ok(());
+    }
+    for (version, earlier) in SUPERSEDED_MIGRATIONS {
+        let Some(current) = migrator.iter().find(|m| m.version == *version) else {
+            continue;
+        };
+        let updated = sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND encode(checksum, 'hex') = $3",
+        )
+        .bind(&*current.checksum)
+        .bind(version)
+        .bind(earlier)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        if updated > 0 {
+            tracing::info!(
+                version,
+                "migration recorded under an earlier text of the same effect; recorded as the current one"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Warn when the server has TimescaleDB installed but this database does not use it (it was not
+/// preloaded when the schema was created): the tables are plain PostgreSQL.
+async fn warn_if_timescaledb_unused(pool: &PgPool) -> Result<(), SinkError> {
+    let (available, used, loaded): (bool, bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'), \
+                EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'), \
+                EXISTS (SELECT 1 FROM pg_settings WHERE name LIKE 'timescaledb.%')",
+    )
+    .fetch_one(pool)
+    .await?;
+    if available && !used {
+        let why = if loaded {
+            "the schema was created while TimescaleDB was not preloaded"
+        } else {
+            "TimescaleDB is not in shared_preload_libraries"
+        };
+        tracing::warn!(
+            "the server has TimescaleDB installed but this database does not use it ({why}): \
+             tables are plain PostgreSQL (no hypertables, compression or continuous aggregate); \
+             README \"TimescaleDB\" says how to use it"
+        );
+    }
+    Ok(())
+}
+
 impl PgSink {
     /// Connect (one attempt; the caller retries) and apply the migrations in `migrations`.
     pub async fn connect(
@@ -218,6 +294,7 @@ impl PgSink {
                 dir: migrations.display().to_string(),
                 source,
             })?;
+        accept_superseded_migrations(&pool, &migrator).await?;
         migrator
             .run(&pool)
             .await
@@ -225,6 +302,22 @@ impl PgSink {
                 dir: migrations.display().to_string(),
                 source,
             })?;
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&pool)
+                .await?;
+        let missing: Vec<String> = (1..=SCHEMA_VERSION)
+            .filter(|v| !applied.contains(v))
+            .map(|v| v.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(SinkError::SchemaTooOld {
+                dir: migrations.display().to_string(),
+                missing: missing.join(", "),
+                needed: SCHEMA_VERSION,
+            });
+        }
+        warn_if_timescaledb_unused(&pool).await?;
         let interval = |ms: Option<i64>| ms.map(|ms| format!("{ms} milliseconds"));
         let applied: String =
             sqlx::query_scalar("SELECT payguard_storage_policies($1::interval, $2::interval)")

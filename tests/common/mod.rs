@@ -15,6 +15,24 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://payguard:payguard@127.0.0.1:5432/payguard".into())
 }
 
+/// Admin URL of the TimescaleDB cluster that `.ci/timescaledb.sh` starts beside the plain one
+/// (`PAYGUARD_TIMESCALEDB_ADMIN_URL` overrides it), or `None` when `.ci/services.sh up` found no
+/// TimescaleDB build for this server: then `test` says on stderr that it is skipped and why. A
+/// cluster that is down without that verdict fails the test (a skip is never silent).
+pub fn timescaledb_admin_url(test: &str) -> Option<String> {
+    if let Ok(url) = std::env::var("PAYGUARD_TIMESCALEDB_ADMIN_URL") {
+        return Some(url);
+    }
+    let cache = std::env::var("PAYGUARD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/payguard"));
+    if let Ok(why) = std::fs::read_to_string(cache.join("timescaledb.skip")) {
+        eprintln!("{test}: SKIPPED (TimescaleDB): {}", why.trim());
+        return None;
+    }
+    Some("postgres://payguard:payguard@127.0.0.1:5433/payguard".into())
+}
+
 /// Kafka bootstrap address.
 pub fn brokers() -> String {
     std::env::var("PAYGUARD_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -74,9 +92,9 @@ impl TestEnv {
                 % 1_000_000_000
         );
         let db = format!("pgtest_{unique}");
-        let mut admin_conn = PgConnection::connect(admin)
-            .await
-            .expect("PostgreSQL must be running (bash .ci/services.sh up)");
+        let mut admin_conn = PgConnection::connect(admin).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL must be running at {admin} (start it with `bash .ci/services.sh up`): {e}")
+        });
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}")))
             .execute(&mut admin_conn)
             .await
