@@ -22,21 +22,23 @@ const KILLS: usize = 12;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_under_load_loses_and_repeats_nothing() {
-    sigkill_under_load(&common::admin_url(), "crash").await;
+    sigkill_under_load(&common::admin_url(), "crash", false).await;
 }
 
 /// The same on TimescaleDB. The simulated payments are weeks old, older than
-/// `postgres.compress_after` (7 days): the compression policy's job compresses their chunks while
-/// rows keep landing in them.
+/// `postgres.compress_after` (7 days): the compression policy's job may compress their chunks at
+/// any moment, and after the fourth kill the test compresses every chunk itself, so the rest of
+/// the stream lands in compressed chunks.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_under_load_loses_and_repeats_nothing_on_timescaledb() {
     let Some(admin) = common::timescaledb_admin_url("sigkill on TimescaleDB") else {
         return;
     };
-    sigkill_under_load(&admin, "crash_ts").await;
+    sigkill_under_load(&admin, "crash_ts", true).await;
 }
 
-async fn sigkill_under_load(admin: &str, name: &str) {
+/// `compress`: compress every chunk of `transactions` after the fourth kill (TimescaleDB).
+async fn sigkill_under_load(admin: &str, name: &str, compress: bool) {
     let env = TestEnv::with_services(name, admin, &common::brokers(), |t| {
         let p = t["pipeline"].as_table_mut().unwrap();
         p.insert("batch_max_rows".into(), 1000.into());
@@ -115,6 +117,15 @@ async fn sigkill_under_load(admin: &str, name: &str) {
             kills_with_pending_merges += 1;
         }
         assert_aggregates_match_merged_transactions(&mut env.db().await).await;
+        if compress && i == 3 {
+            let n = env
+                .scalar(
+                    "SELECT count(compress_chunk(c, if_not_compressed => true)) \
+                     FROM show_chunks('transactions') c",
+                )
+                .await;
+            assert!(n > 0, "chunks compressed");
+        }
     }
     assert!(
         kills_with_pending_merges >= KILLS / 4,
@@ -154,6 +165,17 @@ async fn sigkill_under_load(admin: &str, name: &str) {
     );
     let mut c = env.db().await;
     assert_aggregates_match_transactions(&mut c).await;
+    if compress {
+        assert!(
+            env.scalar(
+                "SELECT count(*) FROM timescaledb_information.chunks \
+                 WHERE hypertable_name = 'transactions' AND is_compressed"
+            )
+            .await
+                > 0,
+            "rows landed in compressed chunks"
+        );
+    }
     // Alerts are the stored review/decline transactions, once each.
     assert_eq!(
         env.scalar("SELECT count(*) FROM alerts").await,
