@@ -33,12 +33,18 @@ fn migrations() -> Vec<PathBuf> {
     files
 }
 
-/// Apply the first `n` shipped migrations to `db_url`, as an earlier release did.
-async fn migrate_to(db_url: &str, n: usize) {
+/// A migrations directory as an earlier release shipped it: the first `n` shipped migrations.
+fn earlier_release_migrations(n: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for f in &migrations()[..n] {
         std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
     }
+    dir
+}
+
+/// Apply the first `n` shipped migrations to `db_url`, as an earlier release did.
+async fn migrate_to(db_url: &str, n: usize) {
+    let dir = earlier_release_migrations(n);
     let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
     let mut conn = PgConnection::connect(db_url).await.unwrap();
     migrator.run(&mut conn).await.unwrap();
@@ -660,17 +666,8 @@ async fn a_migrations_directory_of_an_earlier_release_is_refused_naming_what_is_
     let Some(env) = ts_env("ts_old_dir", |_| {}).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    for f in &migrations()[..5] {
-        std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    let mut t: toml::Table = toml::from_str(&text).unwrap();
-    t["postgres"]
-        .as_table_mut()
-        .unwrap()
-        .insert("migrations".into(), dir.path().display().to_string().into());
-    std::fs::write(&env.config, toml::to_string(&t).unwrap()).unwrap();
+    let dir = earlier_release_migrations(5);
+    set_postgres(&env, "migrations", &dir.path().display().to_string());
     let out = env.cmd(&["run", "--stop-at-end"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "refused: {stderr}");
