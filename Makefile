@@ -56,4 +56,5 @@ model: model-venv
 	  --input $(MODEL_DATA)/train.wallet.jsonl --input $(MODEL_DATA)/train.transfer.jsonl \
 	  --labels $(MODEL_DATA)/train.labels.jsonl --output $(MODEL_DATA)/train.parquet
 	$(MODEL_VENV)/bin/python models/train.py --config config.toml --input $(MODEL_DATA)/train.parquet \
-	  --output models/fraud_model.onnx --card models/MODEL_CARD.md --parity models/parity
+	  --output models/fraud_model.onnx --card models/MODEL_CARD.md --parity models/parity \
+	  --previous models/fraud_model.onnx

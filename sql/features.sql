@@ -1,5 +1,6 @@
 -- Behaviour features: one row per transaction, in input order; the first column is transaction_id.
--- Table `transactions` has the canonical columns (README, "SQL contracts").
+-- Table `transactions` has the canonical columns and the source attributes declared in config.toml
+-- ([[attributes]]; README, "SQL contracts"). A text feature is a category for the model.
 -- Window functions over event-time RANGE frames per entity are evaluated incrementally by the
 -- engine: a row's window holds the rows of the same entity that arrived before it (and itself)
 -- whose event_time lies within the frame. Supported: count(*), count(x), count(DISTINCT x), sum,
@@ -12,6 +13,19 @@ SELECT
   CAST(amount AS DOUBLE) AS txn_amount,
   CAST(extract(hour FROM event_time) AS DOUBLE) AS txn_hour,
   CASE WHEN channel = 'ecommerce' THEN 1.0 ELSE 0.0 END AS txn_online,
+
+  -- The sources' own signals (attributes), as categories: how a card was read and checked, how a
+  -- PIX was initiated and to which kind of key, a wallet's provider and funding, a transfer's kind.
+  entry_mode AS txn_entry_mode,
+  cvv_result AS txn_cvv_result,
+  three_ds AS txn_three_ds,
+  response_code AS txn_response_code,
+  pix_initiation AS txn_pix_initiation,
+  payee_key_type AS txn_payee_key_type,
+  wallet_provider AS txn_wallet_provider,
+  wallet_payment_type AS txn_wallet_payment_type,
+  wallet_funding AS txn_wallet_funding,
+  transfer_kind AS txn_transfer_kind,
 
   -- Card velocity: card testing is many small charges in minutes, a spree many large ones.
   count(*) OVER (PARTITION BY card_id ORDER BY event_time
@@ -28,6 +42,11 @@ SELECT
                  RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) AS card_merchants_1h,
   count(DISTINCT country) OVER (PARTITION BY card_id ORDER BY event_time
                  RANGE BETWEEN INTERVAL '24 hours' PRECEDING AND CURRENT ROW) AS card_countries_24h,
+  -- Issuer declines and CVV mismatches of the card: card testing probes with wrong data.
+  count(CASE WHEN response_code <> '00' THEN 1 END) OVER (PARTITION BY card_id ORDER BY event_time
+                 RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) AS card_declines_1h,
+  count(CASE WHEN cvv_result = 'N' THEN 1 END) OVER (PARTITION BY card_id ORDER BY event_time
+                 RANGE BETWEEN INTERVAL '24 hours' PRECEDING AND CURRENT ROW) AS card_cvv_mismatches_24h,
 
   -- Time and distance since the card's previous transaction (-1 when there is none).
   COALESCE((CAST(event_time AS BIGINT)

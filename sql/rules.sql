@@ -1,4 +1,5 @@
--- Rules over `scored` (canonical columns, the features of features.sql, score, model_version).
+-- Rules over `scored` (canonical columns, source attributes, the features of features.sql, score,
+-- model_version).
 -- One SELECT per rule, joined with UNION ALL; each yields a row per hit:
 --   transaction_id, rule (name), severity ('info' | 'review' | 'decline'), reason (for the analyst).
 -- The decision is the strongest severity of the hits, raised by the model score thresholds.
@@ -6,6 +7,13 @@ SELECT transaction_id, 'card_testing' AS rule, 'review' AS severity,
        concat('card used ', card_tx_10m, ' times in 10 minutes, this charge ', amount, ' ', currency) AS reason
 FROM scored
 WHERE card_tx_10m >= 4 AND amount < 5
+
+UNION ALL
+SELECT transaction_id, 'card_declines_burst', 'review',
+       concat('card declined ', card_declines_1h, ' times in 1 hour (', card_cvv_mismatches_24h,
+              ' CVV mismatches in 24 hours), this response ', response_code)
+FROM scored
+WHERE card_declines_1h >= 3
 
 UNION ALL
 SELECT transaction_id, 'card_spend_spike', 'review',

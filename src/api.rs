@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 use crate::config::{Config, InputKind};
+use crate::engine::canonical::Canonical;
 use crate::metrics::Metrics;
 use crate::online::OnlineLink;
 use crate::sink::Sink;
@@ -96,7 +97,8 @@ impl ApiState {
             );
         }
         let canonical =
-            score::CanonicalDecoder::new(config.api.max_body_bytes).map_err(ApiError::Decoder)?;
+            score::CanonicalDecoder::new(Canonical::of(&config), config.api.max_body_bytes)
+                .map_err(ApiError::Decoder)?;
         let labels = match &online {
             Some(link) => link.labels().clone(),
             None => broadcast::channel(crate::online::LABEL_BACKLOG).0,

@@ -64,12 +64,23 @@ pub async fn connect_sink(
                 config.postgres.retry_max_ms,
             );
             loop {
-                match PgSink::connect(&config.postgres, &dir, &config.pipeline.name).await {
+                match PgSink::connect(
+                    &config.postgres,
+                    &dir,
+                    &config.pipeline.name,
+                    crate::engine::canonical::Canonical::of(config),
+                )
+                .await
+                {
                     Ok(s) => {
                         metrics.sink_ready.set(1.0);
                         return Ok(Sink::Postgres(s));
                     }
-                    Err(e @ (SinkError::Migrate { .. } | SinkError::SchemaTooOld { .. })) => {
+                    Err(
+                        e @ (SinkError::Migrate { .. }
+                        | SinkError::SchemaTooOld { .. }
+                        | SinkError::AttributeColumn { .. }),
+                    ) => {
                         return Err(e.into());
                     }
                     Err(e) => {

@@ -130,7 +130,7 @@ pub async fn canonical_rows(
             .await?;
         parts.extend(rows);
     }
-    let schema = crate::engine::canonical::schema();
+    let schema = engine.canonical().schema();
     concat_batches(&schema, &parts).map_err(|e| BenchError::Baseline(e.to_string()))
 }
 
@@ -392,7 +392,7 @@ pub async fn model(
     while at < data.num_rows() {
         let k = 20_000.min(data.num_rows() - at);
         let decided = engine.decide(&data.slice(at, k)).await?;
-        let first = crate::engine::canonical::COLUMNS.len();
+        let first = engine.canonical().len();
         let score = decided
             .schema()
             .index_of(crate::engine::SCORE)
@@ -615,6 +615,7 @@ pub async fn sink(
         &pg_cfg,
         &config.resolve(&config.postgres.migrations),
         "bench",
+        engine.canonical().clone(),
     )
     .await?;
     pg.prepare_aggregates(&stages).await?;
@@ -631,7 +632,7 @@ pub async fn sink(
         .execute(pg.pool())
         .await?;
     let decided: Vec<RecordBatch> = batches.iter().map(|b| b.2.clone()).collect();
-    let (cols, text) = transactions_copy_text(&decided)?;
+    let (cols, text) = transactions_copy_text(engine.canonical(), &decided)?;
     let file =
         std::env::temp_dir().join(format!("payguard-bench-sink-{}.copy", std::process::id()));
     std::fs::write(&file, &text).map_err(setup("write the COPY file"))?;

@@ -239,7 +239,7 @@ impl DecidedJson {
 /// JSON; decimals become exact strings, timestamps RFC 3339.
 pub fn decided_json(b: &RecordBatch) -> Result<Vec<DecidedJson>, String> {
     let rows = batch_json(b)?;
-    let n_canonical = canonical::COLUMNS.len();
+    let n_canonical = canonical::width(&b.schema());
     let score_at = b.schema().index_of(SCORE).map_err(|e| e.to_string())?;
     let names: Vec<String> = b
         .schema()

@@ -682,7 +682,8 @@ async fn warm_state(engine: &mut Engine, sink: &Sink, config: &Config, cancel: &
     let started = Instant::now();
     let mut rows = 0u64;
     let mut span: Option<(i64, i64)> = None;
-    let mut stream = sink.recent_transactions(span_ms, max_rows, WARM_CHUNK_ROWS);
+    let canonical = engine.canonical().clone();
+    let mut stream = sink.recent_transactions(&canonical, span_ms, max_rows, WARM_CHUNK_ROWS);
     let outcome = loop {
         let next = tokio::select! {
             next = stream.next() => next,

@@ -241,7 +241,7 @@ pub async fn replay(
             }
         }
     }
-    let schema = crate::engine::canonical::schema();
+    let schema = engine.canonical().schema();
     let all = concat_batches(&schema, &parts).map_err(|e| ReplayError::Data(e.to_string()))?;
     drop(parts);
     // 2. Event-time order, ties by source then file order.

@@ -366,7 +366,35 @@ async fn api_against_kafka_and_postgres() {
             "the mapping SQL ran: {r}"
         );
         assert_eq!(feature(r, "card_tx_1h"), in_window + 1);
+        // The source's own signal, mapped to its attribute, is returned and made a feature.
+        assert_eq!(r["transaction"]["entry_mode"], "chip", "{r}");
+        assert_eq!(r["features"]["txn_entry_mode"], "chip", "{r}");
     }
+
+    // Canonical format with attributes: accepted beside the canonical columns, returned in
+    // `transaction`, seen by the features; an attribute of the wrong type is a 422 naming it.
+    let mut with_attributes = canonical("api-attr-1", "api-card-attr", &at_text, "3.00");
+    with_attributes["cvv_result"] = json!("N");
+    with_attributes["response_code"] = json!("05");
+    let (st, s) = api
+        .post(
+            "/v1/score",
+            &json!({"record": false, "transaction": with_attributes}),
+        )
+        .await;
+    assert_eq!(st, 200, "{s}");
+    let a = &s["results"][0];
+    assert_eq!(a["transaction"]["cvv_result"], "N", "{a}");
+    assert_eq!(a["transaction"]["pix_initiation"], Value::Null, "{a}");
+    assert_eq!(a["features"]["txn_response_code"], "05", "{a}");
+    assert_eq!(feature(a, "card_cvv_mismatches_24h"), 1, "{a}");
+    assert_eq!(feature(a, "card_declines_1h"), 1, "{a}");
+    let mut wrong = with_attributes.clone();
+    wrong["cvv_result"] = json!(7);
+    let (st, e) = api
+        .post("/v1/score", &json!({"record": false, "transaction": wrong}))
+        .await;
+    assert_error(st, &e, 422, "cvv_result");
 
     // Recorded: enters the history and is stored like a streamed transaction.
     let (st, rec) = api

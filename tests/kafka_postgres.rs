@@ -175,3 +175,73 @@ async fn a_producer_retry_is_stored_once() {
             .collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn source_attributes_are_stored_in_typed_columns_and_a_conflicting_column_is_refused() {
+    let env = TestEnv::new("attributes", |_| {}).await;
+    env.generate(20_000, &[]);
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_exactly_once(&env, 20_000).await;
+    // The card mapping selects its signals: each is a column of its own, filled on every row.
+    for (column, sql) in [
+        (
+            "entry_mode",
+            "SELECT count(*) FROM transactions WHERE entry_mode IN ('chip', 'contactless', 'magstripe', 'ecommerce')",
+        ),
+        (
+            "cvv_result",
+            "SELECT count(*) FROM transactions WHERE cvv_result IN ('M', 'N', 'P', 'U')",
+        ),
+        (
+            "three_ds",
+            "SELECT count(*) FROM transactions WHERE three_ds IS NOT NULL",
+        ),
+        (
+            "response_code",
+            "SELECT count(*) FROM transactions WHERE response_code ~ '^[0-9A-Z]{2}$'",
+        ),
+    ] {
+        assert_eq!(env.scalar(sql).await, 20_000, "{column} on every card row");
+    }
+    // Attributes of other sources are NULL for card rows, and typed as declared.
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transactions WHERE pix_initiation IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        env.scalar(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'transactions' \
+             AND column_name IN ('entry_mode', 'cvv_result', 'three_ds', 'response_code', \
+             'pix_initiation', 'payee_key_type', 'wallet_provider', 'wallet_payment_type', \
+             'wallet_funding', 'transfer_kind') AND data_type = 'text'"
+        )
+        .await,
+        10
+    );
+    // A feature over an attribute: the card's CVV mismatches, as stored with the alerts.
+    assert!(
+        env.scalar(
+            "SELECT count(*) FROM alerts WHERE (features->>'card_cvv_mismatches_24h')::int > 0"
+        )
+        .await
+            > 0,
+        "card testing probes with wrong CVVs are counted"
+    );
+
+    // A column of an attribute's name with another type: the start is refused, naming the fix.
+    let mut db = env.db().await;
+    sqlx::query("ALTER TABLE transactions ALTER COLUMN cvv_result TYPE integer USING NULL")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let out = env.cmd(&["run", "--stop-at-end"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "transactions.cvv_result is integer, but the attribute is declared as text: rename the attribute"
+        ),
+        "{stderr}"
+    );
+}

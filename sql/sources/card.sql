@@ -1,6 +1,7 @@
 -- Card authorisations (acquirer style) -> canonical transaction.
 -- Input table `input`: the JSON fields declared in config.toml, plus _partition and _offset.
--- Output: the canonical columns (see README, "SQL contracts"). Labels (is_fraud, fraud_scenario)
+-- Output: the canonical columns and the source attributes declared in config.toml (see README,
+-- "SQL contracts"). Labels (is_fraud, fraud_scenario)
 -- are deliberately not selected: the scoring path never reads them.
 SELECT
   auth_id                         AS transaction_id,
@@ -19,6 +20,10 @@ SELECT
   ip                              AS ip_address,
   lat                             AS latitude,
   lon                             AS longitude,
+  entry_mode                      AS entry_mode,
+  cvv_result                      AS cvv_result,
+  three_ds                        AS three_ds,
+  response_code                   AS response_code,
   _partition,
   _offset
 FROM input

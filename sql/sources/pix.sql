@@ -17,6 +17,8 @@ SELECT
   'pix'                           AS channel,
   device_id                       AS device_id,
   ip                              AS ip_address,
+  initiation                      AS pix_initiation,
+  payee_key_type                  AS payee_key_type,
   _partition,
   _offset
 FROM input

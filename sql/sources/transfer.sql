@@ -16,6 +16,7 @@ SELECT
   CASE WHEN kind = 'boleto' THEN 'boleto' ELSE 'transfer' END AS channel,
   device_id                       AS device_id,
   ip                              AS ip_address,
+  kind                            AS transfer_kind,
   _partition,
   _offset
 FROM input

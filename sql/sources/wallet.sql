@@ -18,6 +18,9 @@ SELECT
        ELSE 'wallet_p2p' END      AS channel,
   device_id                       AS device_id,
   ip                              AS ip_address,
+  provider                        AS wallet_provider,
+  payment_type                    AS wallet_payment_type,
+  funding                         AS wallet_funding,
   _partition,
   _offset
 FROM input

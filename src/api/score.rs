@@ -2,6 +2,7 @@
 //! engine task against the live entity history.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc::error::TrySendError, oneshot};
 use super::{ApiState, ErrorBody, Failure, has_nul};
 use crate::config::{FieldConfig, SourceConfig};
 use crate::decode::{JsonDecoder, RawMessage};
-use crate::engine::canonical::{self, CanonicalType, Conformer};
+use crate::engine::canonical::{self, Canonical, Conformer};
 use crate::engine::online::OnlineInput;
 use crate::online::ScoreJob;
 
@@ -27,23 +28,20 @@ use crate::online::ScoreJob;
 pub struct CanonicalDecoder {
     decoder: JsonDecoder,
     conformer: Conformer,
+    canonical: Arc<Canonical>,
 }
 
 impl CanonicalDecoder {
-    /// Build it (`max_bytes`: largest transaction).
-    pub fn new(max_bytes: usize) -> Result<Self, String> {
-        let fields = canonical::COLUMNS
+    /// Build it for the columns of `canonical` (its attributes too; `max_bytes`: largest
+    /// transaction).
+    pub fn new(canonical: Arc<Canonical>, max_bytes: usize) -> Result<Self, String> {
+        let fields = canonical
+            .columns()
             .iter()
-            .map(|(name, kind, required, _)| FieldConfig {
-                name: name.to_string(),
-                data_type: match kind {
-                    CanonicalType::Text => "string",
-                    CanonicalType::Time => "timestamp",
-                    CanonicalType::Money => "decimal(18,2)",
-                    CanonicalType::Coordinate => "float64",
-                }
-                .into(),
-                required: *required,
+            .map(|c| FieldConfig {
+                name: c.name.clone(),
+                data_type: c.kind.field_type().into(),
+                required: c.required,
             })
             .collect();
         let source = SourceConfig {
@@ -55,8 +53,12 @@ impl CanonicalDecoder {
             fields,
         };
         let decoder = JsonDecoder::new(&source, max_bytes).map_err(|e| e.to_string())?;
-        let conformer = Conformer::new(&decoder.output_schema())?;
-        Ok(Self { decoder, conformer })
+        let conformer = Conformer::new(&canonical, &decoder.output_schema())?;
+        Ok(Self {
+            decoder,
+            conformer,
+            canonical,
+        })
     }
 
     /// Canonical rows of the objects, or (index, reason) of every bad one.
@@ -69,16 +71,16 @@ impl CanonicalDecoder {
             };
             let unknown: Vec<&str> = map
                 .keys()
-                .filter(|k| !canonical::COLUMNS.iter().any(|c| c.0 == k.as_str()))
+                .filter(|k| !self.canonical.has(k))
                 .map(String::as_str)
                 .collect();
             if !unknown.is_empty() {
                 problems.push((
                     Some(i),
                     format!(
-                        "unknown column(s) {}; canonical columns: {} (for a source's own format, give `source`)",
+                        "unknown column(s) {}; canonical columns and attributes: {} (for a source's own format, give `source`)",
                         unknown.join(", "),
-                        canonical::COLUMNS.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+                        self.canonical.names()
                     ),
                 ));
             }
@@ -109,7 +111,7 @@ impl CanonicalDecoder {
                 .map(|r| (r.offset.and_then(|o| usize::try_from(o).ok()), r.reason))
                 .collect());
         }
-        concat_batches(&canonical::schema(), [&conformed.rows])
+        concat_batches(&self.canonical.schema(), [&conformed.rows])
             .map_err(|e| vec![(None, e.to_string())])
     }
 }
@@ -340,7 +342,7 @@ async fn score_inner(
 pub fn response_body(decided: &RecordBatch, recorded: bool) -> Result<Vec<u8>, String> {
     use crate::engine::{DECISION, MODEL_VERSION, RULE_HITS, SCORE};
     let schema = decided.schema();
-    let n_canonical = canonical::COLUMNS.len();
+    let n_canonical = canonical::width(&schema);
     let score_at = schema.index_of(SCORE).map_err(|e| e.to_string())?;
     let values: Vec<Vec<Value>> = schema
         .fields()
@@ -447,6 +449,7 @@ mod tests {
     use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
     use super::*;
+    use crate::engine::canonical::CanonicalType;
     use crate::engine::{DECISION, MODEL_VERSION, RULE_HITS, SCORE};
     use crate::online::decided_json;
 
@@ -510,10 +513,27 @@ mod tests {
                     DataType::Float64,
                     Arc::new(Float64Array::from(vec![Some(-23.55), Some(f64::NAN), None])),
                 ),
+                other => unreachable!("{other:?} is no fixed column's kind"),
             };
             fields.push(Field::new(*name, t, true));
             columns.push(c);
         }
+        // Two declared attributes: part of the transaction, not of the features.
+        let attributes: Vec<(&str, ArrayRef)> = vec![
+            (
+                "cvv_result",
+                Arc::new(StringArray::from(vec![Some("N"), None, Some("M")])),
+            ),
+            (
+                "risk_points",
+                Arc::new(Int64Array::from(vec![Some(7), Some(0), None])),
+            ),
+        ];
+        for (name, c) in attributes {
+            fields.push(Field::new(name, c.data_type().clone(), true));
+            columns.push(c);
+        }
+        let width = fields.len();
         // Features, not in name order, of each kind the engine writes (Float32 goes through
         // Arrow's writer).
         let features: Vec<(&str, ArrayRef)> = vec![
@@ -580,7 +600,8 @@ mod tests {
             fields.push(Field::new(name, c.data_type().clone(), true));
             columns.push(c);
         }
-        let b = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        let schema = canonical::with_width(Schema::new(fields), width);
+        let b = RecordBatch::try_new(Arc::new(schema), columns).unwrap();
         assert_eq!(b.num_rows(), n);
         b
     }
@@ -605,5 +626,9 @@ mod tests {
         assert_eq!(v["results"][2]["rule_hits"], "not json");
         assert_eq!(v["results"][2]["decision"], "");
         assert!(v["results"][0].get("explanation").is_none());
+        assert_eq!(v["results"][0]["transaction"]["cvv_result"], "N");
+        assert_eq!(v["results"][0]["transaction"]["risk_points"], 7);
+        assert!(v["results"][0]["features"].get("cvv_result").is_none());
+        assert_eq!(v["results"][0]["features"]["a_count"], 3);
     }
 }

@@ -50,6 +50,12 @@ pub struct Config {
     /// transaction by its own SQL file.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// Source attributes: the user's own typed columns (a card's CVV result, a PIX initiation
+    /// type, a data set's anonymised signals) that a source mapping may select beside the
+    /// canonical columns. They reach `features.sql`, `rules.sql`, the aggregates, the model, the
+    /// API and the `transactions` table (one column each).
+    #[serde(default)]
+    pub attributes: Vec<AttributeConfig>,
     /// The fraud model (ONNX). Without this section, `score` stays NULL and decisions come from
     /// the rules.
     #[serde(default)]
@@ -574,6 +580,37 @@ pub struct SourceConfig {
     pub mapping: PathBuf,
     /// JSON fields of a message, decoded in this order into Arrow columns.
     pub fields: Vec<FieldConfig>,
+}
+
+/// `[[attributes]]`: one source attribute, a column every source mapping may select (a source
+/// that does not select it gives NULL).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeConfig {
+    /// Column name (lower case letters, digits and `_`, starting with a letter); it must not be a
+    /// canonical column or a column of `transactions` Payguard writes itself.
+    pub name: String,
+    /// Type: `number` (float64), `integer` (int64), `boolean`, or `category` (text, one of a set
+    /// of values: a model takes it as a categorical input).
+    #[serde(rename = "type")]
+    pub kind: AttributeKind,
+    /// What it means (shown by `payguard check` and in the docs).
+    #[serde(default)]
+    pub doc: String,
+}
+
+/// Types of a source attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttributeKind {
+    /// Float64 number (a signal, never money: amounts are the canonical `amount`).
+    Number,
+    /// Int64 integer.
+    Integer,
+    /// Boolean.
+    Boolean,
+    /// Text category.
+    Category,
 }
 
 /// One JSON field of a source message.

@@ -543,6 +543,32 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
         }
     }
 
+    let mut attribute_names = HashSet::new();
+    for (i, a) in config.attributes.iter().enumerate() {
+        let at = format!("attributes[{i}].name");
+        let valid = a.name.len() <= 63
+            && a.name.starts_with(|c: char| c.is_ascii_lowercase())
+            && a.name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            err(
+                at,
+                format!(
+                    "\"{}\" must start with a lower case letter and use only a-z, 0-9 and '_' (at most 63)",
+                    a.name
+                ),
+            );
+        } else if let Some(why) = crate::engine::canonical::reserved(&a.name) {
+            err(
+                at,
+                format!("\"{}\" {why}; name the attribute otherwise", a.name),
+            );
+        } else if !attribute_names.insert(a.name.clone()) {
+            err(at, format!("attribute \"{}\" is declared twice", a.name));
+        }
+    }
+
     errors
 }
 

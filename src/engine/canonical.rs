@@ -1,6 +1,10 @@
 //! The canonical transaction: the contract every source mapping SQL must meet, and the one schema
 //! every later stage (features, model, rules, sinks) reads.
 //!
+//! The contract ([`Canonical`]) is the fixed columns ([`COLUMNS`]) followed by the source
+//! attributes the config declares (`[[attributes]]`): the user's own typed signals, which a
+//! mapping may select and which then travel with the transaction like any canonical column.
+//!
 //! A mapping's result is checked against the contract once, at start: every required column must be
 //! present, every column must have a type that converts to the contract's without loss, and no
 //! unknown column may appear (a typo would otherwise silently become a missing value). The
@@ -12,6 +16,8 @@ use datafusion::arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use datafusion::arrow::compute::{CastOptions, cast_with_options};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
+
+use crate::config::{AttributeConfig, AttributeKind, Config};
 
 /// Scale of canonical amounts (minor units of two decimal places).
 pub const AMOUNT_SCALE: i8 = 2;
@@ -120,6 +126,12 @@ pub enum CanonicalType {
     Money,
     /// Float64 geographic coordinate.
     Coordinate,
+    /// Float64 number (a `number` attribute).
+    Number,
+    /// Int64 integer (an `integer` attribute).
+    Integer,
+    /// Boolean (a `boolean` attribute).
+    Boolean,
 }
 
 impl CanonicalType {
@@ -129,7 +141,33 @@ impl CanonicalType {
             Self::Text => DataType::Utf8,
             Self::Time => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
             Self::Money => DataType::Decimal128(AMOUNT_PRECISION, AMOUNT_SCALE),
-            Self::Coordinate => DataType::Float64,
+            Self::Coordinate | Self::Number => DataType::Float64,
+            Self::Integer => DataType::Int64,
+            Self::Boolean => DataType::Boolean,
+        }
+    }
+
+    /// The PostgreSQL type of its column in `transactions` (attributes are added by the sink).
+    pub fn pg_type(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Time => "timestamptz",
+            Self::Money => "numeric(18,2)",
+            Self::Coordinate | Self::Number => "double precision",
+            Self::Integer => "bigint",
+            Self::Boolean => "boolean",
+        }
+    }
+
+    /// The field type of the JSON decoder that reads this kind (the API's canonical objects).
+    pub fn field_type(self) -> &'static str {
+        match self {
+            Self::Text => "string",
+            Self::Time => "timestamp",
+            Self::Money => "decimal(18,2)",
+            Self::Coordinate | Self::Number => "float64",
+            Self::Integer => "int64",
+            Self::Boolean => "boolean",
         }
     }
 
@@ -152,29 +190,187 @@ impl CanonicalType {
                 DataType::Null => true,
                 _ => false,
             },
-            Self::Coordinate => matches!(
+            Self::Coordinate | Self::Number => matches!(
                 from,
                 DataType::Float64
                     | DataType::Float32
+                    | DataType::Int8
+                    | DataType::Int16
                     | DataType::Int32
                     | DataType::Int64
                     | DataType::Null
             ),
+            Self::Integer => matches!(
+                from,
+                DataType::Int8
+                    | DataType::Int16
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::UInt8
+                    | DataType::UInt16
+                    | DataType::UInt32
+                    | DataType::Null
+            ),
+            Self::Boolean => matches!(from, DataType::Boolean | DataType::Null),
         }
     }
 }
 
-/// The canonical Arrow schema.
-pub fn schema() -> SchemaRef {
-    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        Arc::new(Schema::new(
-            COLUMNS
+/// Columns of `transactions` Payguard writes beside the canonical ones, and the engine's own
+/// columns of a decided row: no attribute may take these names.
+const WRITTEN: &[&str] = &[
+    "score",
+    "model_version",
+    "decision",
+    "rule_hits",
+    "explanation",
+    "commit_seq",
+    "processed_at",
+    "features",
+    "label",
+    "fraud_scenario",
+];
+
+/// Why `name` cannot be an attribute's, or `None` when it can.
+pub fn reserved(name: &str) -> Option<&'static str> {
+    if COLUMNS.iter().any(|c| c.0 == name) {
+        Some("is a canonical column")
+    } else if WRITTEN.contains(&name) {
+        Some("is a column Payguard writes itself")
+    } else if name.starts_with('_') {
+        Some("starts with '_', kept for provenance columns")
+    } else {
+        None
+    }
+}
+
+/// One column of the contract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalColumn {
+    /// Column name.
+    pub name: String,
+    /// Its kind.
+    pub kind: CanonicalType,
+    /// A mapped row with NULL here is dead-lettered.
+    pub required: bool,
+    /// A declared source attribute (not one of [`COLUMNS`]).
+    pub attribute: bool,
+}
+
+/// The contract of a configuration: [`COLUMNS`], then its declared attributes, in order.
+#[derive(Debug, Clone)]
+pub struct Canonical {
+    columns: Vec<CanonicalColumn>,
+    schema: SchemaRef,
+}
+
+impl Canonical {
+    /// The contract with these attributes.
+    pub fn new(attributes: &[AttributeConfig]) -> Arc<Self> {
+        let mut columns: Vec<CanonicalColumn> = COLUMNS
+            .iter()
+            .map(|(name, kind, required, _)| CanonicalColumn {
+                name: name.to_string(),
+                kind: *kind,
+                required: *required,
+                attribute: false,
+            })
+            .collect();
+        columns.extend(attributes.iter().map(|a| CanonicalColumn {
+            name: a.name.clone(),
+            kind: match a.kind {
+                AttributeKind::Number => CanonicalType::Number,
+                AttributeKind::Integer => CanonicalType::Integer,
+                AttributeKind::Boolean => CanonicalType::Boolean,
+                AttributeKind::Category => CanonicalType::Text,
+            },
+            required: false,
+            attribute: true,
+        }));
+        let schema = Arc::new(Schema::new(
+            columns
                 .iter()
-                .map(|(name, t, required, _)| Field::new(*name, t.data_type(), !required))
+                .map(|c| Field::new(&c.name, c.kind.data_type(), !c.required))
                 .collect::<Vec<_>>(),
-        ))
-    });
-    SCHEMA.clone()
+        ));
+        Arc::new(Self { columns, schema })
+    }
+
+    /// The contract of `config` (its `[[attributes]]`).
+    pub fn of(config: &Config) -> Arc<Self> {
+        Self::new(&config.attributes)
+    }
+
+    /// The contract without attributes.
+    pub fn fixed() -> Arc<Self> {
+        static FIXED: LazyLock<Arc<Canonical>> = LazyLock::new(|| Canonical::new(&[]));
+        FIXED.clone()
+    }
+
+    /// Its Arrow schema.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Its columns, in order.
+    pub fn columns(&self) -> &[CanonicalColumn] {
+        &self.columns
+    }
+
+    /// Number of columns (fixed and attributes): where the features begin in a decided row.
+    pub fn len(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Whether it has no columns (never: the fixed ones are always there).
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty()
+    }
+
+    /// The declared attributes.
+    pub fn attributes(&self) -> impl Iterator<Item = &CanonicalColumn> {
+        self.columns.iter().filter(|c| c.attribute)
+    }
+
+    /// Whether `name` is one of its columns.
+    pub fn has(&self, name: &str) -> bool {
+        self.columns.iter().any(|c| c.name == name)
+    }
+
+    /// Its column names, comma-separated (for error messages).
+    pub fn names(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The canonical Arrow schema without attributes ([`Canonical::fixed`]).
+pub fn schema() -> SchemaRef {
+    Canonical::fixed().schema()
+}
+
+/// Schema metadata key of a decided row's schema: how many columns the canonical part has (the
+/// fixed columns and the attributes; the features follow).
+pub const WIDTH_KEY: &str = "payguard.canonical_columns";
+
+/// `schema` marked with the width of its canonical part ([`width`]).
+pub fn with_width(schema: Schema, width: usize) -> Schema {
+    let mut metadata = schema.metadata().clone();
+    metadata.insert(WIDTH_KEY.to_string(), width.to_string());
+    schema.with_metadata(metadata)
+}
+
+/// How many leading columns of a decided schema are canonical (the fixed columns and the
+/// attributes), as the engine marked it ([`with_width`]); the fixed columns when unmarked.
+pub fn width(schema: &Schema) -> usize {
+    schema
+        .metadata()
+        .get(WIDTH_KEY)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(COLUMNS.len())
 }
 
 /// How to turn one mapping result column into its canonical column.
@@ -191,6 +387,7 @@ enum ColumnPlan {
 /// Converts mapping results to the canonical schema (decided once from the mapping's schema).
 #[derive(Debug, Clone)]
 pub struct Conformer {
+    schema: SchemaRef,
     plans: Vec<ColumnPlan>,
     required: Vec<usize>,
     partition_col: Option<usize>,
@@ -199,11 +396,12 @@ pub struct Conformer {
 
 impl Conformer {
     /// Check a mapping's result schema against the contract; the error lists every problem.
-    pub fn new(mapped: &Schema) -> Result<Self, String> {
+    pub fn new(contract: &Canonical, mapped: &Schema) -> Result<Self, String> {
         let mut problems = Vec::new();
-        let mut plans = Vec::with_capacity(COLUMNS.len());
+        let mut plans = Vec::with_capacity(contract.len());
         let mut required = Vec::new();
-        for (idx, (name, kind, req, _)) in COLUMNS.iter().enumerate() {
+        for (idx, col) in contract.columns().iter().enumerate() {
+            let (name, kind, req) = (&col.name, &col.kind, &col.required);
             match mapped.index_of(name) {
                 Ok(i) => {
                     let from = mapped.field(i).data_type();
@@ -234,18 +432,17 @@ impl Conformer {
                 crate::decode::PARTITION_COLUMN,
                 crate::decode::OFFSET_COLUMN,
             ];
-            if !COLUMNS.iter().any(|(n, ..)| n == f.name())
-                && !provenance.contains(&f.name().as_str())
-            {
+            if !contract.has(f.name()) && !provenance.contains(&f.name().as_str()) {
                 problems.push(format!(
-                    "column `{}` is not a canonical column (known: {})",
+                    "column `{}` is not a canonical column nor a declared attribute (known: {}; a source's own signal is declared in [[attributes]])",
                     f.name(),
-                    COLUMNS.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+                    contract.names()
                 ));
             }
         }
         if problems.is_empty() {
             Ok(Self {
+                schema: contract.schema(),
                 plans,
                 required,
                 partition_col: mapped.index_of(crate::decode::PARTITION_COLUMN).ok(),
@@ -259,7 +456,7 @@ impl Conformer {
     /// Convert one batch. Rows with a null in a required column (the mapping computed nothing for
     /// it) are not returned as rows but as [`RejectedRow`]s, to be dead-lettered.
     pub fn conform(&self, batch: &RecordBatch) -> Result<Conformed, ArrowError> {
-        let schema = schema();
+        let schema = self.schema.clone();
         let columns = self
             .plans
             .iter()
@@ -291,7 +488,7 @@ impl Conformer {
                 .required
                 .iter()
                 .filter(|c| columns[**c].is_null(row))
-                .map(|c| COLUMNS[*c].0)
+                .map(|c| schema.field(*c).name().as_str())
                 .collect();
             if !missing.is_empty() {
                 *kept = false;
@@ -392,7 +589,7 @@ mod tests {
             Field::new("currency", DataType::Utf8, false),
             Field::new("merchnat_id", DataType::Utf8, true),
         ]);
-        let err = Conformer::new(&mapped).unwrap_err();
+        let err = Conformer::new(&Canonical::fixed(), &mapped).unwrap_err();
         assert!(err.contains("column `event_time` is Utf8"), "{err}");
         assert!(err.contains("required column `source` is missing"), "{err}");
         assert!(err.contains("column `amount` is Float64"), "{err}");
@@ -400,6 +597,119 @@ mod tests {
             err.contains("`merchnat_id` is not a canonical column"),
             "{err}"
         );
+    }
+
+    fn attributes() -> Arc<Canonical> {
+        use crate::config::{AttributeConfig, AttributeKind};
+        let a = |name: &str, kind| AttributeConfig {
+            name: name.into(),
+            kind,
+            doc: String::new(),
+        };
+        Canonical::new(&[
+            a("cvv_result", AttributeKind::Category),
+            a("risk_points", AttributeKind::Integer),
+            a("v1", AttributeKind::Number),
+            a("three_ds_ok", AttributeKind::Boolean),
+        ])
+    }
+
+    #[test]
+    fn declared_attributes_follow_the_canonical_columns_and_are_cast() {
+        use datafusion::arrow::array::{Float64Array, Int32Array, StringArray};
+        use datafusion::arrow::util::pretty::pretty_format_batches;
+        let contract = attributes();
+        assert_eq!(contract.len(), COLUMNS.len() + 4);
+        assert_eq!(contract.schema().field(COLUMNS.len()).name(), "cvv_result");
+        let mapped = Arc::new(Schema::new(vec![
+            Field::new("transaction_id", DataType::Utf8, false),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("amount", DataType::Int64, false),
+            Field::new("currency", DataType::Utf8, false),
+            Field::new("v1", DataType::Int32, true),
+            Field::new("cvv_result", DataType::Utf8, true),
+        ]));
+        let c = Conformer::new(&contract, &mapped).unwrap();
+        let batch = RecordBatch::try_new(
+            mapped,
+            vec![
+                Arc::new(StringArray::from(vec!["t1", "t2"])),
+                Arc::new(
+                    datafusion::arrow::array::TimestampMillisecondArray::from(vec![0, 1000])
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(StringArray::from(vec!["card", "card"])),
+                Arc::new(datafusion::arrow::array::Int64Array::from(vec![5, 7])),
+                Arc::new(StringArray::from(vec!["EUR", "EUR"])),
+                Arc::new(Int32Array::from(vec![Some(3), None])),
+                Arc::new(StringArray::from(vec![Some("N"), Some("M")])),
+            ],
+        )
+        .unwrap();
+        let out = c.conform(&batch).unwrap().rows;
+        assert_eq!(out.schema(), contract.schema());
+        let tail = out.project(&[0, COLUMNS.len(), COLUMNS.len() + 1, COLUMNS.len() + 2]);
+        let text = pretty_format_batches(&[tail.unwrap()]).unwrap().to_string();
+        let want = "+----------------+------------+-------------+-----+\n\
+                    | transaction_id | cvv_result | risk_points | v1  |\n\
+                    +----------------+------------+-------------+-----+\n\
+                    | t1             | N          |             | 3.0 |\n\
+                    | t2             | M          |             |     |\n\
+                    +----------------+------------+-------------+-----+";
+        assert_eq!(text, want);
+        let v1 = out.column(COLUMNS.len() + 2);
+        assert!(v1.as_any().downcast_ref::<Float64Array>().is_some());
+    }
+
+    #[test]
+    fn an_undeclared_or_mistyped_attribute_is_refused() {
+        let contract = attributes();
+        let mapped = Schema::new(vec![
+            Field::new("transaction_id", DataType::Utf8, false),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("amount", DataType::Int64, false),
+            Field::new("currency", DataType::Utf8, false),
+            Field::new("cvv_reslt", DataType::Utf8, true),
+            Field::new("three_ds_ok", DataType::Utf8, true),
+        ]);
+        let err = Conformer::new(&contract, &mapped).unwrap_err();
+        assert!(
+            err.contains("`cvv_reslt` is not a canonical column nor a declared attribute"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cvv_result, risk_points, v1, three_ds_ok"),
+            "{err}"
+        );
+        assert!(err.contains("column `three_ds_ok` is Utf8"), "{err}");
+        // Without the declaration, the same column is unknown.
+        let mapped = Schema::new(vec![
+            Field::new("transaction_id", DataType::Utf8, false),
+            Field::new("cvv_result", DataType::Utf8, true),
+        ]);
+        let err = Conformer::new(&Canonical::fixed(), &mapped).unwrap_err();
+        assert!(
+            err.contains("`cvv_result` is not a canonical column"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn attribute_names_may_not_shadow_written_columns() {
+        assert!(reserved("amount").is_some());
+        assert!(reserved("score").is_some());
+        assert!(reserved("_offset").is_some());
+        assert!(reserved("cvv_result").is_none());
     }
 
     #[test]

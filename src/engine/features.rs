@@ -67,8 +67,17 @@ impl FeatureLimits {
 }
 
 impl FeatureStage {
-    /// Compile `file`.
+    /// Compile `file` over the canonical columns without attributes.
     pub async fn compile(file: &Path, limits: &FeatureLimits) -> Result<Self, EngineError> {
+        Self::compile_over(file, canonical::schema(), limits).await
+    }
+
+    /// Compile `file` over the canonical columns `canonical` (with the declared attributes).
+    pub async fn compile_over(
+        file: &Path,
+        canonical: SchemaRef,
+        limits: &FeatureLimits,
+    ) -> Result<Self, EngineError> {
         let FeatureLimits {
             history_ms,
             lateness_ms,
@@ -83,7 +92,6 @@ impl FeatureStage {
             })
         })?;
         let plan = FeaturePlan::plan(file, &sql, history_ms, label_history_ms)?;
-        let canonical = canonical::schema();
         let pre =
             CompiledQuery::compile(file, &plan.pre_sql, "transactions", canonical.clone()).await?;
         let pre_schema = pre.schema();

@@ -36,7 +36,7 @@ use crate::model::Model;
 use crate::sink::SinkBatch;
 use crate::source::Batch;
 use aggregates::AggregateStage;
-use canonical::Conformer;
+use canonical::{Canonical, Conformer};
 use features::{FeatureLimits, FeatureStage};
 use rules::RuleStage;
 use sql::{CompiledQuery, SqlError};
@@ -134,6 +134,8 @@ pub struct Engine {
     state_gauges_at: Option<Instant>,
     /// Leave the partial aggregates of a batch to the sink stage ([`Engine::defer_aggregates`]).
     defer_aggregates: bool,
+    /// The canonical contract: fixed columns and the config's attributes.
+    canonical: Arc<Canonical>,
 }
 
 /// The window-state gauges (entities, rows kept, evictions) are counted at most this often: a
@@ -198,15 +200,20 @@ impl Engine {
     pub async fn new(config: &Config) -> Result<Self, EngineError> {
         let mut stages = Vec::new();
         let mut errors = Vec::new();
+        let canonical = Canonical::of(config);
         for src in &config.sources {
-            match compile_source(config, src).await {
+            match compile_source(config, &canonical, src).await {
                 Ok(s) => stages.push(s),
                 Err(e) => errors.push(e),
             }
         }
         let e = &config.engine;
-        let features =
-            FeatureStage::compile(&config.resolve(&e.features), &FeatureLimits::of(config)).await;
+        let features = FeatureStage::compile_over(
+            &config.resolve(&e.features),
+            canonical.schema(),
+            &FeatureLimits::of(config),
+        )
+        .await;
         let mut model = None;
         let (features, rules, aggregates, decided_schema) = match features {
             Err(err) => {
@@ -227,7 +234,7 @@ impl Engine {
                     Ok(m) => model = m,
                     Err(err) => errors.push(err.into()),
                 }
-                let scored = RuleStage::scored_schema(&canonical::schema(), &f.feature_schema());
+                let scored = RuleStage::scored_schema(&canonical.schema(), &f.feature_schema());
                 let rules = RuleStage::compile(
                     &config.resolve(&e.rules),
                     scored.clone(),
@@ -242,7 +249,7 @@ impl Engine {
                         None
                     }
                 };
-                let decided = decided_schema(&scored);
+                let decided = decided_schema(&scored, canonical.len());
                 let mut aggs = Vec::new();
                 match aggregate_files(&config.resolve(&e.aggregates)) {
                     Ok(files) => {
@@ -287,6 +294,7 @@ impl Engine {
             lookup: None,
             state_gauges_at: None,
             defer_aggregates: false,
+            canonical,
             model,
             explain_top: config.model.as_ref().map_or(0, |m| m.explain_top),
             times: StageTimes::default(),
@@ -308,6 +316,12 @@ impl Engine {
     /// of the HTTP API are always checked.
     pub fn check_stream_future(&mut self, yes: bool) {
         self.stream_future_check = yes;
+    }
+
+    /// The canonical contract (fixed columns, then the declared attributes): the columns of a
+    /// decided row before its features.
+    pub fn canonical(&self) -> &Arc<Canonical> {
+        &self.canonical
     }
 
     /// Look labelled transactions that left the label index up in `sink` (the database).
@@ -339,7 +353,7 @@ impl Engine {
             return Ok(());
         }
         if let Some(sink) = &self.lookup {
-            match sink.lookup_canonical(&missing).await {
+            match sink.lookup_canonical(&self.canonical, &missing).await {
                 Ok(rows) => self.features.index_transactions(&rows).await?,
                 // The labels are stored anyway; only their feature effect is lost.
                 Err(e) => tracing::warn!(error = %e, labels = missing.len(),
@@ -618,7 +632,7 @@ impl Engine {
         debug_assert_eq!(o.pending, 0, "opened before every message was decoded");
         metrics.decode_time.observe(o.decode_time.as_secs_f64());
         let watermark = self.watermark.advance(o.now);
-        let schema = canonical::schema();
+        let schema = self.canonical.schema();
         let canonical =
             concat_batches(&schema, &o.canonical).map_err(|source| EngineError::Arrow {
                 file: PathBuf::from("<canonical>"),
@@ -842,7 +856,7 @@ impl Engine {
                 None
             }
         };
-        let scored_schema = RuleStage::scored_schema(&canonical::schema(), &features.schema());
+        let scored_schema = RuleStage::scored_schema(&self.canonical.schema(), &features.schema());
         let scored = RecordBatch::try_new(scored_schema, columns.clone()).map_err(|source| {
             EngineError::Arrow {
                 file: self.features.file().clone(),
@@ -892,25 +906,27 @@ impl Engine {
     }
 }
 
-fn decided_schema(scored: &SchemaRef) -> SchemaRef {
+fn decided_schema(scored: &SchemaRef, canonical_width: usize) -> SchemaRef {
     let mut fields: Vec<Field> = scored.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(DECISION, DataType::Utf8, false));
     fields.push(Field::new(RULE_HITS, DataType::Utf8, false));
     fields.push(Field::new(EXPLANATION, DataType::Utf8, true));
-    Arc::new(Schema::new(fields))
+    Arc::new(canonical::with_width(Schema::new(fields), canonical_width))
 }
 
 async fn compile_source(
     config: &Config,
+    canonical: &Canonical,
     src: &crate::config::SourceConfig,
 ) -> Result<SourceStage, EngineError> {
     let decoder = JsonDecoder::new(src, config.kafka.max_message_bytes)?;
     let file = config.resolve(&src.mapping);
     let mapping = CompiledQuery::compile_file(&file, "input", decoder.output_schema()).await?;
-    let conformer = Conformer::new(&mapping.schema()).map_err(|message| EngineError::Contract {
-        file: file.clone(),
-        message: format!("result does not match the canonical transaction: {message}"),
-    })?;
+    let conformer =
+        Conformer::new(canonical, &mapping.schema()).map_err(|message| EngineError::Contract {
+            file: file.clone(),
+            message: format!("result does not match the canonical transaction: {message}"),
+        })?;
     Ok(SourceStage {
         name: src.name.clone(),
         topic: src.topic.clone(),
@@ -1110,7 +1126,8 @@ fn count_before(canonical: &RecordBatch, watermark: i64) -> usize {
 }
 
 /// `batch` with `extra` columns appended (their fields and arrays), for the stages that widen
-/// a batch: window columns, the sink's `commit_seq` and alert features, replay's labels.
+/// a batch: window columns, the sink's `commit_seq` and alert features, replay's labels. The
+/// schema keeps its metadata ([`canonical::width`]).
 pub fn with_columns(
     batch: &RecordBatch,
     extra: impl IntoIterator<Item = (Field, ArrayRef)>,
@@ -1121,7 +1138,11 @@ pub fn with_columns(
         fields.push(Arc::new(field));
         columns.push(array);
     }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    let metadata = batch.schema().metadata().clone();
+    RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, metadata)),
+        columns,
+    )
 }
 
 #[cfg(test)]
@@ -1319,7 +1340,7 @@ mod tests {
         // The uninterrupted run.
         let mut live = Engine::new(&config).await.unwrap();
         let first = live.process(batch(1, 0..4), &metrics).await.unwrap();
-        let stored: Vec<usize> = (0..canonical::COLUMNS.len()).collect();
+        let stored: Vec<usize> = (0..live.canonical().len()).collect();
         let stored = first.transactions[0].project(&stored).unwrap();
         // A restart that rebuilds the state from the stored rows, in two chunks.
         let mut restarted = Engine::new(&config).await.unwrap();

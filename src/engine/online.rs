@@ -14,7 +14,7 @@ use std::time::Instant;
 use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::arrow::compute::concat_batches;
 
-use super::{Engine, EngineError, canonical, split_future};
+use super::{Engine, EngineError, split_future};
 use crate::decode::RawMessage;
 use crate::sink::SinkBatch;
 
@@ -101,7 +101,7 @@ impl Engine {
             for (&i, b) in wave.iter().zip(&batches) {
                 groups.extend(std::iter::repeat_n(i as u32, b.num_rows()));
             }
-            let all = concat_batches(&canonical::schema(), batches.iter().copied()).map_err(
+            let all = concat_batches(&self.canonical.schema(), batches.iter().copied()).map_err(
                 |source| EngineError::Arrow {
                     file: PathBuf::from("<online>"),
                     source,
@@ -180,7 +180,7 @@ impl Engine {
         wall_ms: i64,
         now: Instant,
     ) -> Result<RecordBatch, Rejection> {
-        let schema = canonical::schema();
+        let schema = self.canonical.schema();
         match input {
             OnlineInput::Canonical(b) => {
                 if b.schema().fields() != schema.fields() {

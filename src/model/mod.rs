@@ -9,7 +9,10 @@
 //! - metadata_props `payguard.features` (JSON list of names), `payguard.feature_types` (JSON list:
 //!   `float64`, `int64`, ... as `features.sql` yields them), `payguard.model_version`,
 //!   `payguard.label_column`, `payguard.thresholds`, `payguard.training_window`,
-//!   `payguard.metrics`, `payguard.baseline` (one reference value per feature, for explanations).
+//!   `payguard.metrics`, `payguard.baseline` (one reference value per feature, for explanations);
+//!   `payguard.categories` (JSON object: for each `category` feature, a text column of
+//!   `features.sql`, its values in code order; the tensor holds a value's code, NaN for NULL or
+//!   an unseen value).
 //!
 //! The session is created once per model file ([`Model::load`]); [`Model::bind`] checks the
 //! declared features against the feature schema of `features.sql` (name, type, order) and fixes
@@ -116,6 +119,8 @@ pub struct ModelMeta {
     pub metrics: String,
     /// Per-feature reference values used for explanations.
     pub baseline: Vec<f32>,
+    /// Per feature, in input order: the vocabulary of a `category` feature, else `None`.
+    pub categories: Vec<Option<tensor::Vocabulary>>,
 }
 
 /// A loaded model: one ONNX Runtime session, created once.
@@ -144,10 +149,11 @@ impl std::fmt::Debug for Model {
 pub struct Contribution {
     /// Feature name.
     pub feature: String,
-    /// Its value in the transaction (NULL as `null`).
-    pub value: Option<f64>,
-    /// The baseline it was replaced by.
-    pub baseline: f64,
+    /// Its value in the transaction (NULL, or a category the model did not see, as `null`; a
+    /// category as its text).
+    pub value: serde_json::Value,
+    /// The baseline it was replaced by (a category as its text).
+    pub baseline: serde_json::Value,
     /// score - score with the feature at its baseline.
     pub contribution: f64,
 }
@@ -310,6 +316,43 @@ impl Model {
         let baseline: Vec<f64> =
             meta_json(get("payguard.baseline"), "payguard.baseline", &mut problems)
                 .unwrap_or_default();
+        let vocabularies: std::collections::BTreeMap<String, Vec<String>> =
+            match get("payguard.categories") {
+                None => Default::default(),
+                some => meta_json(some, "payguard.categories", &mut problems).unwrap_or_default(),
+            };
+        let mut categories: Vec<Option<tensor::Vocabulary>> = Vec::with_capacity(features.len());
+        for (name, t) in features.iter().zip(&feature_types) {
+            match (t.as_str(), vocabularies.get(name)) {
+                ("category", Some(values)) => categories.push(Some(
+                    values
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| (v.clone(), i as f32))
+                        .collect(),
+                )),
+                ("category", None) => {
+                    problems.push(format!(
+                        "feature {name} is a category but payguard.categories has no values for it"
+                    ));
+                    categories.push(None);
+                }
+                (_, Some(_)) => {
+                    problems.push(format!(
+                        "payguard.categories has values for {name}, which is {t}, not a category"
+                    ));
+                    categories.push(None);
+                }
+                _ => categories.push(None),
+            }
+        }
+        for name in vocabularies.keys() {
+            if !features.contains(name) {
+                problems.push(format!(
+                    "payguard.categories has values for {name}, which is not a feature"
+                ));
+            }
+        }
         let version = get("payguard.model_version").unwrap_or_else(|| {
             problems.push("metadata payguard.model_version is missing".into());
             String::new()
@@ -385,6 +428,7 @@ impl Model {
             training_window: get("payguard.training_window").unwrap_or_default(),
             metrics: get("payguard.metrics").unwrap_or_default(),
             baseline: baseline.into_iter().map(|v| v as f32).collect(),
+            categories,
         })
     }
 
@@ -421,7 +465,7 @@ impl Model {
                             "feature {name} is {got} there, the model was trained on {want}"
                         )),
                         None => problems.push(format!(
-                            "feature {name} is {t} there, which is not a number (the model was trained on {want})"
+                            "feature {name} is {t} there, which is not a number nor a text category (the model was trained on {want})"
                         )),
                     }
                 }
@@ -500,7 +544,7 @@ impl Model {
             return Ok(Vec::new());
         }
         let mut buf = std::mem::take(&mut self.buf);
-        let scored = tensor::build(features, &self.columns, &mut buf)
+        let scored = tensor::build(features, &self.columns, &self.meta.categories, &mut buf)
             .map_err(|message| ModelError::Tensor {
                 path: self.path.clone(),
                 message,
@@ -535,10 +579,12 @@ impl Model {
     /// The `[rows, F]` tensor of a feature batch, as [`Model::score`] builds it.
     pub fn tensor(&self, features: &RecordBatch) -> Result<Vec<f32>, ModelError> {
         let mut out = Vec::new();
-        tensor::build(features, &self.columns, &mut out).map_err(|message| ModelError::Tensor {
-            path: self.path.clone(),
-            message,
-        })?;
+        tensor::build(features, &self.columns, &self.meta.categories, &mut out).map_err(
+            |message| ModelError::Tensor {
+                path: self.path.clone(),
+                message,
+            },
+        )?;
         Ok(out)
     }
 
@@ -567,10 +613,12 @@ impl Model {
                 }
             })?;
         let mut own = Vec::new();
-        tensor::build(&picked, &self.columns, &mut own).map_err(|message| ModelError::Tensor {
-            path: self.path.clone(),
-            message,
-        })?;
+        tensor::build(&picked, &self.columns, &self.meta.categories, &mut own).map_err(
+            |message| ModelError::Tensor {
+                path: self.path.clone(),
+                message,
+            },
+        )?;
         // Row r, feature j occluded: row r * width + j of the occlusion tensor.
         let mut occluded = Vec::with_capacity(rows.len() * width * width);
         for r in 0..rows.len() {
@@ -582,6 +630,20 @@ impl Model {
             }
         }
         let occ = self.score_tensor(&occluded)?;
+        let meta = &self.meta;
+        // A value as the explanation shows it: a category's text, a number tidied.
+        let shown = |j: usize, v: f32| -> serde_json::Value {
+            if v.is_nan() {
+                return serde_json::Value::Null;
+            }
+            match meta.categories[j].as_ref() {
+                Some(vocabulary) => vocabulary
+                    .iter()
+                    .find(|(_, code)| **code == v)
+                    .map_or(serde_json::Value::Null, |(text, _)| text.clone().into()),
+                None => serde_json::json!(tidy(v)),
+            }
+        };
         let mut out = Vec::with_capacity(rows.len());
         for (r, &row) in rows.iter().enumerate() {
             let mut c: Vec<Contribution> = (0..width)
@@ -589,8 +651,8 @@ impl Model {
                     let v = own[r * width + j];
                     Contribution {
                         feature: self.meta.features[j].clone(),
-                        value: (!v.is_nan()).then_some(tidy(v)),
-                        baseline: tidy(self.meta.baseline[j]),
+                        value: shown(j, v),
+                        baseline: shown(j, self.meta.baseline[j]),
                         contribution: tidy(scores[row] - occ[r * width + j]),
                     }
                 })

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
-    Array, ArrayRef, Decimal128Builder, Float64Builder, RecordBatch, StringArray, StringBuilder,
-    TimestampMillisecondArray, TimestampMillisecondBuilder,
+    Array, ArrayRef, BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, RecordBatch,
+    StringArray, StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use super::SinkError;
-use crate::engine::canonical::{self, AMOUNT_PRECISION, AMOUNT_SCALE, COLUMNS, CanonicalType};
+use crate::engine::canonical::{AMOUNT_PRECISION, AMOUNT_SCALE, Canonical, CanonicalType};
 use crate::engine::labels::label_schema;
 
 fn internal(message: String) -> SinkError {
@@ -62,30 +62,40 @@ pub(super) async fn write(conn: &mut PgConnection, labels: &RecordBatch) -> Resu
     Ok(())
 }
 
-/// The SELECT list of the canonical columns of `transactions`, in canonical order, in the
-/// forms [`canonical_rows`] decodes (times as epoch ms, amounts in minor units).
-pub(super) fn canonical_select() -> String {
-    COLUMNS
+/// The SELECT list of the canonical columns of `transactions` (with the attributes), in
+/// canonical order, in the forms [`canonical_rows`] decodes (times as epoch ms, amounts in minor
+/// units).
+pub(super) fn canonical_select(canonical: &Canonical) -> String {
+    canonical
+        .columns()
         .iter()
-        .map(|(name, kind, _, _)| match kind {
-            CanonicalType::Text => format!("{name}::text"),
-            CanonicalType::Time => {
-                format!("(extract(epoch FROM {name}) * 1000)::bigint")
+        .map(|c| {
+            let name = &c.name;
+            match c.kind {
+                CanonicalType::Text => format!("{name}::text"),
+                CanonicalType::Time => {
+                    format!("(extract(epoch FROM {name}) * 1000)::bigint")
+                }
+                CanonicalType::Money => {
+                    format!("round({name} * {})::bigint", 10i64.pow(AMOUNT_SCALE as u32))
+                }
+                CanonicalType::Coordinate | CanonicalType::Number => format!("{name}::float8"),
+                CanonicalType::Integer => format!("{name}::bigint"),
+                CanonicalType::Boolean => format!("{name}::boolean"),
             }
-            CanonicalType::Money => {
-                format!("round({name} * {})::bigint", 10i64.pow(AMOUNT_SCALE as u32))
-            }
-            CanonicalType::Coordinate => format!("{name}::float8"),
         })
         .collect::<Vec<_>>()
         .join(", ")
 }
 
 /// Rows selected with [`canonical_select`] as a canonical batch.
-pub(super) fn canonical_rows(rows: &[PgRow]) -> Result<RecordBatch, SinkError> {
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(COLUMNS.len());
-    for (i, (_, kind, _, _)) in COLUMNS.iter().enumerate() {
-        let col: ArrayRef = match kind {
+pub(super) fn canonical_rows(
+    canonical: &Canonical,
+    rows: &[PgRow],
+) -> Result<RecordBatch, SinkError> {
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(canonical.len());
+    for (i, c) in canonical.columns().iter().enumerate() {
+        let col: ArrayRef = match c.kind {
             CanonicalType::Text => {
                 let mut b = StringBuilder::new();
                 for r in rows {
@@ -111,34 +121,49 @@ pub(super) fn canonical_rows(rows: &[PgRow]) -> Result<RecordBatch, SinkError> {
                         .map_err(|e| internal(e.to_string()))?,
                 )
             }
-            CanonicalType::Coordinate => {
+            CanonicalType::Coordinate | CanonicalType::Number => {
                 let mut b = Float64Builder::new();
                 for r in rows {
                     b.append_option(r.try_get::<Option<f64>, _>(i)?);
                 }
                 Arc::new(b.finish())
             }
+            CanonicalType::Integer => {
+                let mut b = Int64Builder::new();
+                for r in rows {
+                    b.append_option(r.try_get::<Option<i64>, _>(i)?);
+                }
+                Arc::new(b.finish())
+            }
+            CanonicalType::Boolean => {
+                let mut b = BooleanBuilder::new();
+                for r in rows {
+                    b.append_option(r.try_get::<Option<bool>, _>(i)?);
+                }
+                Arc::new(b.finish())
+            }
         };
         columns.push(col);
     }
-    RecordBatch::try_new(canonical::schema(), columns)
+    RecordBatch::try_new(canonical.schema(), columns)
         .map_err(|e| internal(format!("stored transactions: {e}")))
 }
 
 /// The canonical rows of the stored transactions with these ids.
 pub(super) async fn lookup_canonical(
     pool: &PgPool,
+    canonical: &Canonical,
     ids: &[String],
 ) -> Result<RecordBatch, SinkError> {
     let sql = format!(
         "SELECT {} FROM transactions WHERE transaction_id = ANY($1)",
-        canonical_select()
+        canonical_select(canonical)
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(ids)
         .fetch_all(pool)
         .await?;
-    canonical_rows(&rows)
+    canonical_rows(canonical, &rows)
 }
 
 /// Labels reported within `history_ms` of the newest stored transaction (schema

@@ -24,6 +24,7 @@ use datafusion::arrow::array::RecordBatch;
 use tokio::time::Instant;
 
 use crate::decode::DeadLetter;
+use crate::engine::canonical::Canonical;
 use crate::source::OffsetCommit;
 
 /// Errors of the sinks.
@@ -57,6 +58,18 @@ pub enum SinkError {
         missing: String,
         /// The newest version this binary needs.
         needed: i64,
+    },
+    /// `transactions` has a column of an attribute's name with another type.
+    #[error(
+        "transactions.{name} is {have}, but the attribute is declared as {want}: rename the attribute in [[attributes]], or ALTER the column"
+    )]
+    AttributeColumn {
+        /// Attribute (and column) name.
+        name: String,
+        /// The column's type.
+        have: String,
+        /// The type the attribute needs.
+        want: String,
     },
     /// A concurrent writer inserted a group of an aggregate table that this batch also inserts
     /// (its transaction committed after this merge looked). Retrying the batch merges into it.
@@ -116,7 +129,8 @@ impl SinkError {
             Self::Internal(_)
             | Self::Fenced { .. }
             | Self::Migrate { .. }
-            | Self::SchemaTooOld { .. } => false,
+            | Self::SchemaTooOld { .. }
+            | Self::AttributeColumn { .. } => false,
         }
     }
 }
@@ -244,10 +258,14 @@ impl Sink {
 
     /// Canonical rows of stored transactions with these ids (labelled transactions the engine
     /// no longer indexes). The memory store keeps none.
-    pub async fn lookup_canonical(&self, ids: &[String]) -> Result<RecordBatch, SinkError> {
+    pub async fn lookup_canonical(
+        &self,
+        canonical: &Canonical,
+        ids: &[String],
+    ) -> Result<RecordBatch, SinkError> {
         match self {
-            Self::Postgres(s) => labels::lookup_canonical(s.pool(), ids).await,
-            Self::Memory(_) => Ok(RecordBatch::new_empty(crate::engine::canonical::schema())),
+            Self::Postgres(s) => labels::lookup_canonical(s.pool(), canonical, ids).await,
+            Self::Memory(_) => Ok(RecordBatch::new_empty(canonical.schema())),
         }
     }
 
@@ -264,14 +282,17 @@ impl Sink {
     /// most `max_rows`, the newest) as canonical batches of at most `chunk_rows` rows, in
     /// event-time order then commit order: the history the window state is rebuilt from at
     /// start. The memory store keeps none (nothing survives its process anyway).
-    pub fn recent_transactions(
-        &self,
+    pub fn recent_transactions<'a>(
+        &'a self,
+        canonical: &'a Canonical,
         span_ms: i64,
         max_rows: u64,
         chunk_rows: usize,
-    ) -> futures::stream::BoxStream<'_, Result<RecordBatch, SinkError>> {
+    ) -> futures::stream::BoxStream<'a, Result<RecordBatch, SinkError>> {
         match self {
-            Self::Postgres(s) => history::recent(s.pool(), span_ms, max_rows, chunk_rows),
+            Self::Postgres(s) => {
+                history::recent(s.pool(), canonical, span_ms, max_rows, chunk_rows)
+            }
             Self::Memory(_) => Box::pin(futures::stream::empty()),
         }
     }

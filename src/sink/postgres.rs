@@ -39,13 +39,17 @@ use super::trailing::{self, Writer};
 use super::{CommitOutcome, CommitStats, SinkBatch, SinkError, StoredOffsets, copy};
 use crate::config::PostgresConfig;
 use crate::engine::aggregates::{AggregateStage, Merge};
-use crate::engine::canonical::COLUMNS;
+use crate::engine::canonical::Canonical;
 use crate::engine::{DECISION, EXPLANATION, MODEL_VERSION, RULE_HITS, SCORE};
 
-/// Columns of `transactions` taken from the decided rows, in order (the sink adds
-/// [`COMMIT_SEQ`]).
-fn transaction_columns() -> Vec<&'static str> {
-    let mut c: Vec<&str> = COLUMNS.iter().map(|c| c.0).collect();
+/// Columns of `transactions` taken from the decided rows, in order: the canonical columns with
+/// the declared attributes, then the decision (the sink adds [`COMMIT_SEQ`]).
+fn transaction_columns(canonical: &Canonical) -> Vec<&str> {
+    let mut c: Vec<&str> = canonical
+        .columns()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     c.extend([SCORE, MODEL_VERSION, DECISION, RULE_HITS]);
     c
 }
@@ -54,16 +58,16 @@ fn transaction_columns() -> Vec<&'static str> {
 const COMMIT_SEQ: &str = "commit_seq";
 
 /// Columns of `transactions` the sink writes, in order.
-fn written_columns() -> Vec<&'static str> {
-    let mut c = transaction_columns();
+fn written_columns(canonical: &Canonical) -> Vec<&str> {
+    let mut c = transaction_columns(canonical);
     c.push(COMMIT_SEQ);
     c
 }
 
 /// The decided rows as the sink writes them into `transactions`: [`transaction_columns`] and
 /// the `commit_seq` of their transaction.
-fn stored_rows(b: &RecordBatch, seq: i64) -> Result<RecordBatch, SinkError> {
-    let p = project(b, &transaction_columns())?;
+fn stored_rows(canonical: &Canonical, b: &RecordBatch, seq: i64) -> Result<RecordBatch, SinkError> {
+    let p = project(b, &transaction_columns(canonical))?;
     let n = p.num_rows();
     with_column(
         &p,
@@ -74,8 +78,8 @@ fn stored_rows(b: &RecordBatch, seq: i64) -> Result<RecordBatch, SinkError> {
 
 /// The decided schema narrowed to the columns stored in `transactions`: what trailing merges
 /// are computed again from after a crash.
-fn stored_schema(decided: &Schema) -> Result<SchemaRef, SinkError> {
-    let fields = transaction_columns()
+fn stored_schema(canonical: &Canonical, decided: &Schema) -> Result<SchemaRef, SinkError> {
+    let fields = transaction_columns(canonical)
         .into_iter()
         .map(|c| {
             decided
@@ -109,6 +113,8 @@ const ALERT_COLUMNS: &[&str] = &[
 pub struct PgSink {
     pool: PgPool,
     pipeline: String,
+    /// The canonical contract: which attribute columns `transactions` has.
+    canonical: Arc<Canonical>,
     copy_transactions: String,
     /// The COPY of `transactions` in binary format, and the column types it writes; `None`
     /// when a column has a type the binary encoder does not write (text COPY then).
@@ -266,11 +272,13 @@ async fn warn_if_timescaledb_unused(pool: &PgPool) -> Result<(), SinkError> {
 }
 
 impl PgSink {
-    /// Connect (one attempt; the caller retries) and apply the migrations in `migrations`.
+    /// Connect (one attempt; the caller retries), apply the migrations in `migrations`, and add
+    /// a column to `transactions` for each attribute of `canonical` that has none.
     pub async fn connect(
         cfg: &PostgresConfig,
         migrations: &Path,
         pipeline: &str,
+        canonical: Arc<Canonical>,
     ) -> Result<Self, SinkError> {
         let port = cfg
             .url
@@ -326,20 +334,23 @@ impl PgSink {
                 .fetch_one(&pool)
                 .await?;
         tracing::info!(policies = %applied, "storage policies");
-        let tx_cols = written_columns().join(", ");
-        let copy_transactions_binary = column_types(&pool, "transactions", &written_columns())
-            .await?
-            .map(|types| {
-                (
-                    format!("COPY transactions ({tx_cols}) FROM STDIN WITH (FORMAT binary)"),
-                    types,
-                )
-            });
+        attribute_columns(&pool, &canonical).await?;
+        let tx_cols = written_columns(&canonical).join(", ");
+        let copy_transactions_binary =
+            column_types(&pool, "transactions", &written_columns(&canonical))
+                .await?
+                .map(|types| {
+                    (
+                        format!("COPY transactions ({tx_cols}) FROM STDIN WITH (FORMAT binary)"),
+                        types,
+                    )
+                });
         let mut alert_cols: Vec<&str> = ALERT_COLUMNS.to_vec();
         alert_cols.push("features");
         Ok(Self {
             pool,
             pipeline: pipeline.to_string(),
+            canonical,
             copy_transactions: format!("COPY transactions ({tx_cols}) FROM STDIN"),
             copy_transactions_binary,
             copy_alerts: format!("COPY alerts ({}) FROM STDIN", alert_cols.join(", ")),
@@ -405,7 +416,7 @@ impl PgSink {
         enabled: bool,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<bool, SinkError> {
-        let stored = stored_schema(decided)?;
+        let stored = stored_schema(&self.canonical, decided)?;
         let recovery = over_stored_columns(stages, &stored).await;
         let trails = enabled && !stages.is_empty() && recovery.is_ok();
         if let (true, Err(why)) = (enabled, &recovery) {
@@ -513,7 +524,7 @@ impl PgSink {
             ))
         })?;
         for p in &pending {
-            let rows = trailing::stored_rows(&self.pool, p, &stored).await?;
+            let rows = trailing::stored_rows(&self.pool, &self.canonical, p, &stored).await?;
             let mut aggregates = Vec::with_capacity(stages.len());
             for s in stages.iter() {
                 let partial = s.partial(std::slice::from_ref(&rows)).await.map_err(|e| {
@@ -637,8 +648,8 @@ impl PgSink {
         let mut projected = Vec::with_capacity(batch.transactions.len());
         let mut alert_data = Vec::new();
         for b in &batch.transactions {
-            projected.push(stored_rows(b, seq)?);
-            if let Some(alerts) = alerts_of(b)? {
+            projected.push(stored_rows(&self.canonical, b, seq)?);
+            if let Some(alerts) = alerts_of(self.canonical.len(), b)? {
                 copy::encode(&alerts, &mut alert_data).map_err(encode)?;
             }
         }
@@ -1185,16 +1196,55 @@ impl PgSink {
     }
 }
 
+/// Give `transactions` a column for each attribute of `canonical` that has none (a nullable
+/// column: adding it rewrites nothing, also on a compressed hypertable). An existing column of
+/// another type is refused, naming both types: the attribute is renamed, or the column altered by
+/// hand.
+async fn attribute_columns(pool: &PgPool, canonical: &Canonical) -> Result<(), SinkError> {
+    for a in canonical.attributes() {
+        let want = a.kind.pg_type();
+        let have: Option<String> = sqlx::query_scalar(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = 'transactions'::regclass AND attname = $1 AND NOT attisdropped",
+        )
+        .bind(&a.name)
+        .fetch_optional(pool)
+        .await?;
+        match have {
+            Some(have) if have == want => {}
+            Some(have) => {
+                return Err(SinkError::AttributeColumn {
+                    name: a.name.clone(),
+                    have,
+                    want: want.to_string(),
+                });
+            }
+            None => {
+                // The name was checked when the config was loaded (lower case, digits, '_').
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE transactions ADD COLUMN IF NOT EXISTS {} {want}",
+                    a.name
+                )))
+                .execute(pool)
+                .await?;
+                tracing::info!(attribute = %a.name, r#type = want, "added attribute column to transactions");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The columns of `transactions` the sink writes, and the COPY text of the decided rows in that
 /// order: exactly what [`PgSink::commit`] sends (for benchmarks that COPY the same rows by other
 /// means).
-pub fn transactions_copy_text(
+pub fn transactions_copy_text<'c>(
+    canonical: &'c Canonical,
     batches: &[RecordBatch],
-) -> Result<(Vec<&'static str>, Vec<u8>), SinkError> {
-    let cols = written_columns();
+) -> Result<(Vec<&'c str>, Vec<u8>), SinkError> {
+    let cols = written_columns(canonical);
     let mut out = Vec::new();
     for b in batches {
-        copy::encode(&stored_rows(b, 0)?, &mut out)
+        copy::encode(&stored_rows(canonical, b, 0)?, &mut out)
             .map_err(|e| SinkError::Internal(e.to_string()))?;
     }
     Ok((cols, out))
@@ -1212,7 +1262,7 @@ impl PgSink {
         };
         let mut out = copy::BINARY_HEADER.to_vec();
         for b in batches {
-            let b = stored_rows(b, 0)?;
+            let b = stored_rows(&self.canonical, b, 0)?;
             if !fits(types, &b.schema()) {
                 return Ok(None);
             }
@@ -1400,7 +1450,7 @@ fn with_column(b: &RecordBatch, field: Field, array: ArrayRef) -> Result<RecordB
 }
 
 /// Alert rows (decision other than approve) with their features as one JSON column.
-fn alerts_of(b: &RecordBatch) -> Result<Option<RecordBatch>, SinkError> {
+fn alerts_of(first_feature: usize, b: &RecordBatch) -> Result<Option<RecordBatch>, SinkError> {
     let schema = b.schema();
     let decision = b
         .column_by_name(DECISION)
@@ -1415,7 +1465,6 @@ fn alerts_of(b: &RecordBatch) -> Result<Option<RecordBatch>, SinkError> {
     }
     let alerts = datafusion::arrow::compute::filter_record_batch(b, &mask)
         .map_err(|e| internal(e.to_string()))?;
-    let first_feature = COLUMNS.len();
     let score = schema
         .index_of(SCORE)
         .map_err(|_| internal("decided rows lack score".into()))?;

@@ -26,7 +26,7 @@ use super::SinkError;
 use super::labels::{canonical_rows, canonical_select};
 use super::postgres::PgSink;
 use crate::engine::aggregates::AggregateStage;
-use crate::engine::canonical::COLUMNS;
+use crate::engine::canonical::Canonical;
 use crate::metrics::Metrics;
 use crate::source::kafka::Backoff;
 
@@ -189,13 +189,14 @@ pub async fn pending(pool: &PgPool, pipeline: &str) -> Result<Vec<Pending>, Sink
 /// `transactions`: canonical columns, score, model_version, decision, rule_hits).
 pub async fn stored_rows(
     pool: &PgPool,
+    canonical: &Canonical,
     p: &Pending,
     stored: &SchemaRef,
 ) -> Result<RecordBatch, SinkError> {
     let sql = format!(
         "SELECT {}, score, model_version, decision, rule_hits::text FROM transactions \
          WHERE commit_seq = $1 AND event_time BETWEEN $2 AND $3",
-        canonical_select()
+        canonical_select(canonical)
     );
     let rows: Vec<PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(p.seq)
@@ -203,8 +204,8 @@ pub async fn stored_rows(
         .bind(p.last)
         .fetch_all(pool)
         .await?;
-    let canonical = canonical_rows(&rows)?;
-    let at = COLUMNS.len();
+    let at = canonical.len();
+    let canonical = canonical_rows(canonical, &rows)?;
     let mut score = Float64Builder::with_capacity(rows.len());
     let mut text = [
         StringBuilder::new(),

@@ -259,6 +259,7 @@ impl TestEnv {
             &config.postgres,
             &config.resolve(&config.postgres.migrations),
             &self.pipeline,
+            payguard::engine::canonical::Canonical::of(&config),
         )
         .await
         .unwrap()
