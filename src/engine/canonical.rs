@@ -614,14 +614,9 @@ mod tests {
         ])
     }
 
-    #[test]
-    fn declared_attributes_follow_the_canonical_columns_and_are_cast() {
-        use datafusion::arrow::array::{Float64Array, Int32Array, StringArray};
-        use datafusion::arrow::util::pretty::pretty_format_batches;
-        let contract = attributes();
-        assert_eq!(contract.len(), COLUMNS.len() + 4);
-        assert_eq!(contract.schema().field(COLUMNS.len()).name(), "cvv_result");
-        let mapped = Arc::new(Schema::new(vec![
+    /// A mapping result's required columns (an integer amount, converted exactly).
+    fn required_fields() -> Vec<Field> {
+        vec![
             Field::new("transaction_id", DataType::Utf8, false),
             Field::new(
                 "event_time",
@@ -631,9 +626,20 @@ mod tests {
             Field::new("source", DataType::Utf8, false),
             Field::new("amount", DataType::Int64, false),
             Field::new("currency", DataType::Utf8, false),
-            Field::new("v1", DataType::Int32, true),
-            Field::new("cvv_result", DataType::Utf8, true),
-        ]));
+        ]
+    }
+
+    #[test]
+    fn declared_attributes_follow_the_canonical_columns_and_are_cast() {
+        use datafusion::arrow::array::{Float64Array, Int32Array, StringArray};
+        use datafusion::arrow::util::pretty::pretty_format_batches;
+        let contract = attributes();
+        assert_eq!(contract.len(), COLUMNS.len() + 4);
+        assert_eq!(contract.schema().field(COLUMNS.len()).name(), "cvv_result");
+        let mut fields = required_fields();
+        fields.push(Field::new("v1", DataType::Int32, true));
+        fields.push(Field::new("cvv_result", DataType::Utf8, true));
+        let mapped = Arc::new(Schema::new(fields));
         let c = Conformer::new(&contract, &mapped).unwrap();
         let batch = RecordBatch::try_new(
             mapped,
@@ -669,19 +675,10 @@ mod tests {
     #[test]
     fn an_undeclared_or_mistyped_attribute_is_refused() {
         let contract = attributes();
-        let mapped = Schema::new(vec![
-            Field::new("transaction_id", DataType::Utf8, false),
-            Field::new(
-                "event_time",
-                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-                false,
-            ),
-            Field::new("source", DataType::Utf8, false),
-            Field::new("amount", DataType::Int64, false),
-            Field::new("currency", DataType::Utf8, false),
-            Field::new("cvv_reslt", DataType::Utf8, true),
-            Field::new("three_ds_ok", DataType::Utf8, true),
-        ]);
+        let mut fields = required_fields();
+        fields.push(Field::new("cvv_reslt", DataType::Utf8, true));
+        fields.push(Field::new("three_ds_ok", DataType::Utf8, true));
+        let mapped = Schema::new(fields);
         let err = Conformer::new(&contract, &mapped).unwrap_err();
         assert!(
             err.contains("`cvv_reslt` is not a canonical column nor a declared attribute"),

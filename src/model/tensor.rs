@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
-    StringArray, StringViewArray,
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array,
+    RecordBatch,
 };
 use datafusion::arrow::datatypes::DataType;
 
@@ -93,20 +93,12 @@ fn fill_column(
             return Err("a text feature needs the model's vocabulary (payguard.categories)".into());
         }
         DataType::Utf8 => {
-            let a = col
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| "text did not downcast".to_string())?;
-            for (i, v) in a.iter().enumerate() {
+            for (i, v) in col.as_string::<i32>().iter().enumerate() {
                 out[i * width + j] = code(v);
             }
         }
         DataType::Utf8View => {
-            let a = col
-                .as_any()
-                .downcast_ref::<StringViewArray>()
-                .ok_or_else(|| "text did not downcast".to_string())?;
-            for (i, v) in a.iter().enumerate() {
+            for (i, v) in col.as_string_view().iter().enumerate() {
                 out[i * width + j] = code(v);
             }
         }
@@ -144,6 +136,7 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::arrow::array::StringArray;
     use datafusion::arrow::datatypes::{Field, Schema};
     use std::sync::Arc;
 
