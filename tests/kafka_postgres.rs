@@ -245,3 +245,68 @@ async fn source_attributes_are_stored_in_typed_columns_and_a_conflicting_column_
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_database_password_comes_from_a_file_and_never_reaches_the_logs() {
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("pg-password");
+    std::fs::write(&password_file, "payguard\n").unwrap();
+    let env = TestEnv::new("pwfile", |t| {
+        let pg = t["postgres"].as_table_mut().unwrap();
+        let url = pg["url"]
+            .as_str()
+            .unwrap()
+            .replace("payguard:payguard@", "payguard@");
+        assert!(!url.contains(":payguard@"), "{url}");
+        pg.insert("url".into(), url.into());
+        pg.insert(
+            "password_file".into(),
+            password_file.display().to_string().into(),
+        );
+        // Retry quickly while the password is wrong.
+        pg.insert("retry_max_ms".into(), 500.into());
+    })
+    .await;
+    env.generate(1_000, &[]);
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_exactly_once(&env, 1_000).await;
+
+    // A wrong password: refused by the server, retried, and never printed, even at debug level.
+    let wrong = "Wr0ng:Pa55@w0rd-7f3a";
+    std::fs::write(&password_file, format!("{wrong}\n")).unwrap();
+    let log_path = secrets.path().join("run.log");
+    let mut child = env
+        .cmd(&["run"])
+        .env("RUST_LOG", "debug,rskafka=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    env.wait_for("a refused login", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("password authentication failed")
+    })
+    .await;
+    signal(&child, "TERM");
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains(wrong), "the password reached the log:\n{log}");
+    assert!(
+        !log.contains("Wr0ng%3APa55%40w0rd-7f3a") && !log.contains("Pa55"),
+        "the encoded password reached the log"
+    );
+    let check = env.cmd(&["check"]).output().unwrap();
+    for out in [&check.stdout, &check.stderr] {
+        assert!(!String::from_utf8_lossy(out).contains(wrong));
+    }
+    // An unreadable file is a config error naming the key and the file, at start.
+    std::fs::remove_file(&password_file).unwrap();
+    let out = env.cmd(&["run", "--stop-at-end"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("postgres.password_file: cannot read"),
+        "{stderr}"
+    );
+}

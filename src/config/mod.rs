@@ -17,6 +17,9 @@ pub use validation::{ConfigError, ConfigErrors};
 
 /// Environment variable that overrides `postgres.url` (keeps the password out of the file).
 pub const ENV_POSTGRES_URL: &str = "PAYGUARD_POSTGRES_URL";
+/// Environment variable holding the database password (overrides `postgres.password_file` and
+/// the password of `postgres.url`).
+pub const ENV_POSTGRES_PASSWORD: &str = "PAYGUARD_POSTGRES_PASSWORD";
 /// Environment variable that overrides `kafka.brokers` (comma-separated `host:port` list).
 pub const ENV_KAFKA_BROKERS: &str = "PAYGUARD_KAFKA_BROKERS";
 
@@ -222,6 +225,11 @@ pub struct PostgresConfig {
     /// merged in the rows' transaction, as with `false`.
     #[serde(default = "default_true")]
     pub trail_aggregates: bool,
+    /// File whose first line is the database password (relative to this file), read at start:
+    /// it replaces the password of `url`, so that neither this file nor the environment holds
+    /// it (`PAYGUARD_POSTGRES_PASSWORD` overrides it). Empty: the password of `url`, if any.
+    #[serde(default)]
+    pub password_file: PathBuf,
 }
 
 fn default_compress_after() -> String {
@@ -263,6 +271,7 @@ impl Default for PostgresConfig {
             compress_after: default_compress_after(),
             retention: default_retention(),
             trail_aggregates: true,
+            password_file: PathBuf::new(),
         }
     }
 }
@@ -374,6 +383,10 @@ pub struct ApiConfig {
     /// empty: none.
     #[serde(default = "default_api_key_env")]
     pub api_key_env: String,
+    /// File with more API keys, one per line (blank lines and `#` comments skipped; each at
+    /// least 16 characters), read at start. Empty: none.
+    #[serde(default)]
+    pub api_keys_file: PathBuf,
     /// Largest request body accepted, in bytes (larger: 413).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -401,6 +414,7 @@ impl Default for ApiConfig {
             listen: default_listen(),
             api_keys: Vec::new(),
             api_key_env: default_api_key_env(),
+            api_keys_file: PathBuf::new(),
             max_body_bytes: default_max_body_bytes(),
             max_batch: default_max_batch(),
             score_queue: default_score_queue(),
@@ -695,6 +709,8 @@ pub struct EnvOverrides {
     pub postgres_url: Option<String>,
     /// Value of `PAYGUARD_KAFKA_BROKERS`.
     pub kafka_brokers: Option<String>,
+    /// Value of `PAYGUARD_POSTGRES_PASSWORD`.
+    pub postgres_password: Option<String>,
 }
 
 impl EnvOverrides {
@@ -705,6 +721,9 @@ impl EnvOverrides {
                 .ok()
                 .filter(|s| !s.is_empty()),
             kafka_brokers: std::env::var(ENV_KAFKA_BROKERS)
+                .ok()
+                .filter(|s| !s.is_empty()),
+            postgres_password: std::env::var(ENV_POSTGRES_PASSWORD)
                 .ok()
                 .filter(|s| !s.is_empty()),
         }
@@ -734,6 +753,7 @@ pub fn load_str(
             .collect();
     }
     errors.extend(validation::validate(&config, text, file));
+    errors.extend(validation::read_secrets(&mut config, text, file, env));
     if errors.is_empty() {
         Ok(config)
     } else {

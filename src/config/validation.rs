@@ -572,6 +572,124 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
     errors
 }
 
+/// Read the secrets the config points at, after [`validate`]: the database password
+/// (`PAYGUARD_POSTGRES_PASSWORD`, else the first line of `postgres.password_file`) goes into
+/// `postgres.url`, the keys of `api.api_keys_file` join `api.api_keys`. A file that cannot be read
+/// or holds a short key is an error naming the file (never its content).
+pub(super) fn read_secrets(
+    config: &mut Config,
+    text: &str,
+    file: &Path,
+    env: &super::EnvOverrides,
+) -> Vec<ConfigError> {
+    let lines = KeyLines::scan(text);
+    let mut errors = Vec::new();
+    let mut err = |key: &str, message: String| {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: lines.line_of(key),
+            key: key.to_string(),
+            message,
+        });
+    };
+    let pg = &config.postgres;
+    let password = match (
+        &env.postgres_password,
+        pg.password_file.as_os_str().is_empty(),
+    ) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => {
+            let path = config.resolve(&pg.password_file);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => match t.lines().next().map(str::trim_end) {
+                    Some(p) if !p.is_empty() => Some(p.to_string()),
+                    _ => {
+                        err(
+                            "postgres.password_file",
+                            format!(
+                                "{} is empty: its first line is the password",
+                                path.display()
+                            ),
+                        );
+                        None
+                    }
+                },
+                Err(e) => {
+                    err(
+                        "postgres.password_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (None, true) => None,
+    };
+    if let Some(password) = password {
+        match with_password(&config.postgres.url, &password) {
+            Ok(url) => config.postgres.url = url,
+            Err(m) => err("postgres.url", m),
+        }
+    }
+    if !config.api.api_keys_file.as_os_str().is_empty() {
+        let path = config.resolve(&config.api.api_keys_file);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                for (i, line) in t.lines().enumerate() {
+                    let key = line.trim();
+                    if key.is_empty() || key.starts_with('#') {
+                        continue;
+                    }
+                    if key.len() < 16 {
+                        err(
+                            "api.api_keys_file",
+                            format!(
+                                "{}:{}: every key must have at least 16 characters",
+                                path.display(),
+                                i + 1
+                            ),
+                        );
+                    } else {
+                        config.api.api_keys.push(key.to_string());
+                    }
+                }
+            }
+            Err(e) => err(
+                "api.api_keys_file",
+                format!("cannot read {}: {e}", path.display()),
+            ),
+        }
+    }
+    errors
+}
+
+/// `url` (`postgres://user[:old]@host...`) with its password replaced by `password`,
+/// percent-encoded.
+fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return Err(
+            "has no user (postgres://USER@host/db) to give the password of postgres.password_file or PAYGUARD_POSTGRES_PASSWORD to".into(),
+        );
+    };
+    let user = rest[..at].split(':').next().unwrap_or("");
+    let mut encoded = String::with_capacity(password.len());
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(format!(
+        "{}{user}:{encoded}{}",
+        &url[..scheme_end],
+        &rest[at..]
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{EnvOverrides, load_str};
@@ -695,11 +813,72 @@ fields = [
     }
 
     #[test]
+    fn a_password_from_a_file_or_the_environment_replaces_the_urls_encoded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cr:t@/x\nignored\n").unwrap();
+        std::fs::write(
+            dir.path().join("keys"),
+            "# ops\n0123456789abcdef0123\n\nshort\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[postgres]\nurl = \"postgres://app:old@db:5432/x?sslmode=require\"\npassword_file = \"{}\"\n[api]\napi_keys_file = \"{}\"\n{SOURCE}",
+            dir.path().join("pw").display(),
+            dir.path().join("keys").display()
+        );
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let load = |env: &EnvOverrides| load_str(&text, Path::new("c.toml"), repo, env);
+        // The short key is the only problem, named with its file and line, never its text.
+        let errs = load(&EnvOverrides::default()).unwrap_err().0;
+        let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        let keys = msgs
+            .iter()
+            .filter(|m| m.contains("api.api_keys_file"))
+            .count();
+        assert_eq!(keys, 1, "{msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.contains("keys:4: every key")),
+            "{msgs:?}"
+        );
+        assert!(!msgs.iter().any(|m| m.contains("short")), "{msgs:?}");
+        std::fs::write(dir.path().join("keys"), "0123456789abcdef0123\n").unwrap();
+        let c = load(&EnvOverrides::default()).unwrap();
+        assert_eq!(
+            c.postgres.url,
+            "postgres://app:s3cr%3At%40%2Fx@db:5432/x?sslmode=require"
+        );
+        assert_eq!(c.api.api_keys, ["0123456789abcdef0123"]);
+        let env = EnvOverrides {
+            postgres_password: Some("from-env".into()),
+            ..EnvOverrides::default()
+        };
+        assert_eq!(
+            load(&env).unwrap().postgres.url,
+            "postgres://app:from-env@db:5432/x?sslmode=require"
+        );
+        // A missing file: its path, not a password.
+        std::fs::remove_file(dir.path().join("pw")).unwrap();
+        let errs = load(&EnvOverrides::default()).unwrap_err().0;
+        assert!(
+            errs[0]
+                .to_string()
+                .contains("c.toml:3: postgres.password_file: cannot read"),
+            "{errs:?}"
+        );
+        assert!(
+            super::with_password("postgres://db:5432/x", "p")
+                .unwrap_err()
+                .contains("has no user")
+        );
+    }
+
+    #[test]
     fn env_override_replaces_postgres_url() {
         let dir = env!("CARGO_MANIFEST_DIR");
         let env = EnvOverrides {
             postgres_url: Some("postgres://u:p@db:5432/x".into()),
             kafka_brokers: Some("a:1, b:2".into()),
+            ..EnvOverrides::default()
         };
         let c = load_str(SOURCE, Path::new("t.toml"), Path::new(dir), &env).unwrap();
         assert_eq!(c.postgres.url, "postgres://u:p@db:5432/x");
