@@ -598,6 +598,42 @@ impl PrivatePostgres {
         );
     }
 
+    /// Turn TLS on (`ssl = on` with this server certificate, key and CA for client
+    /// certificates), replace `pg_hba.conf` by `hba` (local connections stay trusted), restart.
+    pub fn enable_tls(&self, cert: &Path, key: &Path, ca: &Path, hba: &str) {
+        let data = self.data();
+        for (from, to) in [(cert, "server.crt"), (key, "server.key"), (ca, "root.crt")] {
+            std::fs::copy(from, data.join(to)).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str(
+            "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n",
+        );
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!("local all all trust\n{hba}\n"),
+        )
+        .unwrap();
+        if self.as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the TLS files");
+        }
+        self.stop("fast");
+        self.start_again();
+    }
+
     /// Stop the server: `immediate` is a crash (no checkpoint, connections cut), `fast` a clean
     /// shutdown that still aborts open transactions.
     pub fn stop(&self, mode: &str) {
