@@ -10,6 +10,7 @@
 
 mod records;
 mod score;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,9 @@ pub enum ApiError {
     /// The canonical transaction decoder could not be built (internal error).
     #[error("canonical decoder: {0}")]
     Decoder(String),
+    /// The HTTPS certificate or key could not be used.
+    #[error("api.tls_cert_file / api.tls_key_file: {0}")]
+    Tls(String),
 }
 
 /// Shared state of the handlers.
@@ -325,15 +329,34 @@ pub async fn serve(
         addr: addr.to_string(),
         source,
     })?;
+    let api = &state.config.api;
+    let acceptor = if api.tls_cert_file.as_os_str().is_empty() {
+        None
+    } else {
+        let cert = state.config.resolve(&api.tls_cert_file);
+        let key = state.config.resolve(&api.tls_key_file);
+        Some(tls::acceptor(&cert, &key).map_err(ApiError::Tls)?)
+    };
     let app = router(state);
-    let handle = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
+    let handle = match acceptor {
+        None => tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }),
+        Some(acceptor) => tokio::spawn(async move {
+            let tls = tls::TlsListener::new(listener, acceptor, cancel.clone());
+            let r = axum::serve(tls, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTPS server stopped");
+            }
+        }),
+    };
     Ok((local, handle))
 }
 

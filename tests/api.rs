@@ -848,3 +848,142 @@ async fn api_labels_reach_the_running_engine() {
         "no label was lost: {log}"
     );
 }
+
+/// One HTTPS GET with rustls trusting `ca` only; the status line, or the TLS/IO error.
+async fn https_get(addr: &str, ca: &std::path::Path, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let port = addr.rsplit(':').next().unwrap();
+    let tcp = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_serves_https_with_a_configured_certificate_and_refuses_plaintext() {
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(d.join("server.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.crt",
+    ]);
+    let (cert, key) = (d.join("server.crt"), d.join("server.key"));
+    let env = TestEnv::new("api_https", |t| {
+        let api = t["api"].as_table_mut().unwrap();
+        api.insert("tls_cert_file".into(), cert.display().to_string().into());
+        api.insert("tls_key_file".into(), key.display().to_string().into());
+    })
+    .await;
+    let demo = env.spawn(&["demo", "--listen", "127.0.0.1:0", "--rate", "100"]);
+    let addr = api_addr(&env, &demo).await;
+    let status = https_get(&addr, &d.join("ca.crt"), "/health/live").await;
+    assert_eq!(status.as_deref(), Ok("HTTP/1.1 200 OK"), "{status:?}");
+    // A client that does not trust the certificate's CA: refused in the handshake.
+    let refused = https_get(&addr, &d.join("other-ca.crt"), "/health/live").await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("UnknownIssuer")),
+        "{refused:?}"
+    );
+    // Plain HTTP to the HTTPS port gets no HTTP answer; the server keeps serving.
+    let mut plain = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    plain
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plaintext got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let again = https_get(&addr, &d.join("ca.crt"), "/v1/stats").await;
+    assert_eq!(again.as_deref(), Ok("HTTP/1.1 200 OK"), "{again:?}");
+    common::signal(&demo, "TERM");
+    let (status, _) = env.wait(demo, Duration::from_secs(30));
+    assert!(status.success());
+}

@@ -387,6 +387,13 @@ pub struct ApiConfig {
     /// least 16 characters), read at start. Empty: none.
     #[serde(default)]
     pub api_keys_file: PathBuf,
+    /// PEM certificate chain served over HTTPS (with `tls_key_file`; relative to this file).
+    /// Empty: plain HTTP.
+    #[serde(default)]
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: PathBuf,
     /// Largest request body accepted, in bytes (larger: 413).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -415,6 +422,8 @@ impl Default for ApiConfig {
             api_keys: Vec::new(),
             api_key_env: default_api_key_env(),
             api_keys_file: PathBuf::new(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
             max_body_bytes: default_max_body_bytes(),
             max_batch: default_max_batch(),
             score_queue: default_score_queue(),

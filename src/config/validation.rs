@@ -420,6 +420,31 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
             ),
         );
     }
+    match (
+        a.tls_cert_file.as_os_str().is_empty(),
+        a.tls_key_file.as_os_str().is_empty(),
+    ) {
+        (true, true) => {}
+        (false, true) | (true, false) => err(
+            "api.tls_cert_file".into(),
+            "HTTPS needs both api.tls_cert_file and api.tls_key_file (or neither: plain HTTP)"
+                .into(),
+        ),
+        (false, false) => {
+            for (key, path) in [
+                ("api.tls_cert_file", &a.tls_cert_file),
+                ("api.tls_key_file", &a.tls_key_file),
+            ] {
+                let path = config.resolve(path);
+                if !path.is_file() {
+                    err(
+                        key.into(),
+                        format!("file {} does not exist", path.display()),
+                    );
+                }
+            }
+        }
+    }
     if a.api_keys.iter().any(|k| k.trim().len() < 16) {
         err(
             "api.api_keys".into(),
@@ -869,6 +894,26 @@ fields = [
             super::with_password("postgres://db:5432/x", "p")
                 .unwrap_err()
                 .contains("has no user")
+        );
+    }
+
+    #[test]
+    fn https_needs_both_files_and_they_must_exist() {
+        let one = format!("[api]\ntls_cert_file = \"config.toml\"\n{SOURCE}");
+        let errs = errors_of(&one);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("test.toml:2: api.tls_cert_file: HTTPS needs both")),
+            "{errs:?}"
+        );
+        let missing = format!(
+            "[api]\ntls_cert_file = \"config.toml\"\ntls_key_file = \"no-such.key\"\n{SOURCE}"
+        );
+        let errs = errors_of(&missing);
+        assert!(
+            errs.iter().any(|e| e.contains("api.tls_key_file: file")
+                && e.contains("no-such.key does not exist")),
+            "{errs:?}"
         );
     }
 
