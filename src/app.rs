@@ -510,7 +510,7 @@ async fn generate_kafka(
 ) -> anyhow::Result<GenerateSummary> {
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
-    let client = kafka::connect(&config.kafka, &cancel).await?;
+    let client = kafka::connect_from(&config.kafka, &config.base_dir, &cancel).await?;
     // One producer per source index (only the generated ones are used).
     let mut producers: Vec<Option<TopicProducer>> = Vec::new();
     for (i, src) in config.sources.iter().enumerate() {

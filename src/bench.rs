@@ -904,7 +904,8 @@ pub async fn e2e(config: &Config, count: u64, runs: usize) -> Result<E2eBench, B
     drop_database(&config, db).await;
     // The benchmark's topics are its own: delete them.
     let stop = tokio_util::sync::CancellationToken::new();
-    if let Ok(client) = crate::source::kafka::connect(&config.kafka, &stop).await
+    if let Ok(client) =
+        crate::source::kafka::connect_from(&config.kafka, &config.base_dir, &stop).await
         && let Ok(controller) = client.controller_client()
     {
         for s in &config.sources {

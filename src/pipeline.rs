@@ -147,7 +147,9 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     match config.pipeline.input {
         InputKind::Kafka => {
-            let client = Arc::new(kafka::connect(&config.kafka, &input_cancel).await?);
+            let client = Arc::new(
+                kafka::connect_from(&config.kafka, &config.base_dir, &input_cancel).await?,
+            );
             let parts = wait_for_topics(&client, &config, &topics, &input_cancel).await?;
             for (source, (topic, ps)) in topics.iter().zip(parts).enumerate() {
                 for p in ps {

@@ -140,7 +140,13 @@ async fn setup(name: &str, trail: bool) -> Setup {
     let url = &config.postgres.url;
     let host_port = url.split('@').nth(1).unwrap().split('/').next().unwrap();
     let proxy = Proxy::start(host_port.to_string()).await;
-    let proxied = url.replace(host_port, &proxy.addr.to_string());
+    // Plaintext through the proxy: it must read the protocol to find the COMMIT (with TLS
+    // built in, sqlx's default `sslmode=prefer` would encrypt on a server with `ssl = on`).
+    assert!(!url.contains('?'), "{url}");
+    let proxied = format!(
+        "{}?sslmode=disable",
+        url.replace(host_port, &proxy.addr.to_string())
+    );
     let engine = Engine::new(&config).await.unwrap();
     let data = payguard::bench::canonical_rows(&config, 3 * BATCH, 0.0)
         .await

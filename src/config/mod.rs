@@ -20,6 +20,8 @@ pub const ENV_POSTGRES_URL: &str = "PAYGUARD_POSTGRES_URL";
 /// Environment variable holding the database password (overrides `postgres.password_file` and
 /// the password of `postgres.url`).
 pub const ENV_POSTGRES_PASSWORD: &str = "PAYGUARD_POSTGRES_PASSWORD";
+/// Environment variable holding the Kafka SASL password (overrides `kafka.sasl.password_file`).
+pub const ENV_KAFKA_PASSWORD: &str = "PAYGUARD_KAFKA_PASSWORD";
 /// Environment variable that overrides `kafka.brokers` (comma-separated `host:port` list).
 pub const ENV_KAFKA_BROKERS: &str = "PAYGUARD_KAFKA_BROKERS";
 
@@ -172,6 +174,72 @@ pub struct KafkaConfig {
     /// Longest retry delay after repeated broker errors, in milliseconds.
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// `[kafka.tls]`: TLS to the brokers (SSL and SASL_SSL listeners). Absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<KafkaTlsConfig>,
+    /// `[kafka.sasl]`: SASL authentication (over TLS unless the listener is SASL_PLAINTEXT).
+    /// Absent: none.
+    #[serde(default)]
+    pub sasl: Option<KafkaSaslConfig>,
+}
+
+/// `[kafka.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTlsConfig {
+    /// PEM file of the CA(s) the brokers' certificates must chain to (relative to this file).
+    /// Each broker's certificate must name the host it is reached by.
+    pub ca_file: PathBuf,
+    /// PEM client certificate chain, for brokers that authenticate clients by certificate (with
+    /// `key_file`). Empty: none.
+    #[serde(default)]
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: PathBuf,
+}
+
+/// `[kafka.sasl]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSaslConfig {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: SaslMechanism,
+    /// User name.
+    pub username: String,
+    /// File whose first line is the password (relative to this file);
+    /// `PAYGUARD_KAFKA_PASSWORD` overrides it. Never printed.
+    #[serde(default)]
+    pub password_file: PathBuf,
+    /// The password, read from `password_file` or `PAYGUARD_KAFKA_PASSWORD` at start (never
+    /// in the file itself).
+    #[serde(skip)]
+    pub password: String,
+}
+
+impl std::fmt::Debug for KafkaSaslConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSaslConfig")
+            .field("mechanism", &self.mechanism)
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// SASL mechanisms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    /// PLAIN (user and password in the clear: only over TLS).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
 }
 
 impl Default for KafkaConfig {
@@ -185,6 +253,8 @@ impl Default for KafkaConfig {
             max_message_bytes: default_max_message_bytes(),
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
+            tls: None,
+            sasl: None,
         }
     }
 }
@@ -720,6 +790,8 @@ pub struct EnvOverrides {
     pub kafka_brokers: Option<String>,
     /// Value of `PAYGUARD_POSTGRES_PASSWORD`.
     pub postgres_password: Option<String>,
+    /// Value of `PAYGUARD_KAFKA_PASSWORD`.
+    pub kafka_password: Option<String>,
 }
 
 impl EnvOverrides {
@@ -733,6 +805,9 @@ impl EnvOverrides {
                 .ok()
                 .filter(|s| !s.is_empty()),
             postgres_password: std::env::var(ENV_POSTGRES_PASSWORD)
+                .ok()
+                .filter(|s| !s.is_empty()),
+            kafka_password: std::env::var(ENV_KAFKA_PASSWORD)
                 .ok()
                 .filter(|s| !s.is_empty()),
         }

@@ -656,6 +656,62 @@ pub(super) fn read_secrets(
             Err(m) => err("postgres.url", m),
         }
     }
+    if let Some(sasl) = &config.kafka.sasl {
+        let password = match (
+            &env.kafka_password,
+            sasl.password_file.as_os_str().is_empty(),
+        ) {
+            (Some(p), _) => Some(p.clone()),
+            (None, false) => {
+                let path = config.resolve(&sasl.password_file);
+                match std::fs::read_to_string(&path) {
+                    Ok(t) => t.lines().next().map(|l| l.trim_end().to_string()),
+                    Err(e) => {
+                        err(
+                            "kafka.sasl.password_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, true) => None,
+        };
+        match password.filter(|p| !p.is_empty()) {
+            Some(p) => {
+                if let Some(sasl) = config.kafka.sasl.as_mut() {
+                    sasl.password = p;
+                }
+            }
+            None => err(
+                "kafka.sasl.password_file",
+                "SASL needs a password: its file (first line) or PAYGUARD_KAFKA_PASSWORD".into(),
+            ),
+        }
+    }
+    if let Some(tls) = &config.kafka.tls {
+        let mut files = vec![("kafka.tls.ca_file", &tls.ca_file)];
+        match (
+            tls.cert_file.as_os_str().is_empty(),
+            tls.key_file.as_os_str().is_empty(),
+        ) {
+            (true, true) => {}
+            (false, false) => {
+                files.push(("kafka.tls.cert_file", &tls.cert_file));
+                files.push(("kafka.tls.key_file", &tls.key_file));
+            }
+            _ => err(
+                "kafka.tls.cert_file",
+                "a client certificate needs both cert_file and key_file".into(),
+            ),
+        }
+        for (key, path) in files {
+            let path = config.resolve(path);
+            if !path.is_file() {
+                err(key, format!("file {} does not exist", path.display()));
+            }
+        }
+    }
     if !config.api.api_keys_file.as_os_str().is_empty() {
         let path = config.resolve(&config.api.api_keys_file);
         match std::fs::read_to_string(&path) {
@@ -895,6 +951,34 @@ fields = [
                 .unwrap_err()
                 .contains("has no user")
         );
+    }
+
+    #[test]
+    fn kafka_sasl_needs_a_password_which_is_never_shown() {
+        let text = format!(
+            "[kafka.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\n[kafka.tls]\nca_file = \"no-ca.crt\"\n{SOURCE}"
+        );
+        let errs = errors_of(&text);
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("kafka.sasl.password_file: SASL needs a password")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("kafka.tls.ca_file: file") && e.contains("no-ca.crt")),
+            "{errs:?}"
+        );
+        let env = EnvOverrides {
+            kafka_password: Some("from-the-environment".into()),
+            ..EnvOverrides::default()
+        };
+        let text = format!("[kafka.sasl]\nmechanism = \"PLAIN\"\nusername = \"alice\"\n{SOURCE}");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let c = load_str(&text, Path::new("t.toml"), dir, &env).unwrap();
+        let sasl = c.kafka.sasl.as_ref().unwrap();
+        assert_eq!(sasl.password, "from-the-environment");
+        assert!(!format!("{c:?}").contains("from-the-environment"));
     }
 
     #[test]

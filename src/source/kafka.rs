@@ -43,6 +43,65 @@ pub enum KafkaError {
     /// Stopped by shutdown while waiting for the broker.
     #[error("cancelled while waiting for the broker")]
     Cancelled,
+    /// The TLS files of `[kafka.tls]` could not be used.
+    #[error("kafka.tls: {0}")]
+    Tls(String),
+}
+
+/// The rustls client config of `[kafka.tls]`: the brokers' CA, and a client certificate when
+/// configured. Errors name the file.
+fn tls_config(
+    tls: &crate::config::KafkaTlsConfig,
+    resolve: impl Fn(&std::path::Path) -> std::path::PathBuf,
+) -> Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>, KafkaError> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca = resolve(&tls.ca_file);
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&ca)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            KafkaError::Tls(format!("{}: not a PEM certificate file: {e}", ca.display()))
+        })?;
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| KafkaError::Tls(format!("{}: {e}", ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(KafkaError::Tls(format!(
+            "{}: holds no certificate",
+            ca.display()
+        )));
+    }
+    // ring, as the TLS of the sink and the API (see src/api/tls.rs).
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| KafkaError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = if tls.cert_file.as_os_str().is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let (cert, key) = (resolve(&tls.cert_file), resolve(&tls.key_file));
+        let chain = CertificateDer::pem_file_iter(&cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                KafkaError::Tls(format!(
+                    "{}: not a PEM certificate chain: {e}",
+                    cert.display()
+                ))
+            })?;
+        let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| {
+            KafkaError::Tls(format!("{}: not a PEM private key: {e}", key.display()))
+        })?;
+        builder
+            .with_client_auth_cert(chain, key_der)
+            .map_err(|e| KafkaError::Tls(format!("{}: {e}", cert.display())))?
+    };
+    Ok(std::sync::Arc::new(config))
 }
 
 /// Exponential backoff with a cap.
@@ -79,9 +138,32 @@ impl Backoff {
 
 /// Connect to the brokers (retrying with backoff until `cancel`).
 pub async fn connect(cfg: &KafkaConfig, cancel: &CancellationToken) -> Result<Client, KafkaError> {
+    connect_from(cfg, std::path::Path::new("."), cancel).await
+}
+
+/// [`connect`], with the `[kafka.tls]` files relative to `base` (the config's directory).
+pub async fn connect_from(
+    cfg: &KafkaConfig,
+    base: &std::path::Path,
+    cancel: &CancellationToken,
+) -> Result<Client, KafkaError> {
     let mut backoff = Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms);
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(|t| tls_config(t, |p| base.join(p)))
+        .transpose()?;
+    let sasl = cfg.sasl.as_ref().map(|s| {
+        use rskafka::client::{Credentials, SaslConfig};
+        let c = Credentials::new(s.username.clone(), s.password.clone());
+        match s.mechanism {
+            crate::config::SaslMechanism::Plain => SaslConfig::Plain(c),
+            crate::config::SaslMechanism::ScramSha256 => SaslConfig::ScramSha256(c),
+            crate::config::SaslMechanism::ScramSha512 => SaslConfig::ScramSha512(c),
+        }
+    });
     loop {
-        let builder = ClientBuilder::new(cfg.brokers.clone())
+        let mut builder = ClientBuilder::new(cfg.brokers.clone())
             .client_id(cfg.client_id.clone())
             .max_message_size(cfg.fetch_max_bytes as usize * 2 + 1024 * 1024)
             .backoff_config(BackoffConfig {
@@ -91,6 +173,12 @@ pub async fn connect(cfg: &KafkaConfig, cancel: &CancellationToken) -> Result<Cl
                 // Let errors come up to us after a while, so they are logged and counted.
                 deadline: Some(Duration::from_secs(10)),
             });
+        if let Some(t) = &tls {
+            builder = builder.tls_config(t.clone());
+        }
+        if let Some(s) = &sasl {
+            builder = builder.sasl_config(s.clone());
+        }
         let attempt = tokio::select! {
             r = builder.build() => r,
             _ = cancel.cancelled() => return Err(KafkaError::Cancelled),

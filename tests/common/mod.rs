@@ -666,10 +666,20 @@ impl Drop for PrivatePostgres {
 /// A single-node Kafka broker (KRaft, combined broker and controller, the jars `.ci/kafka.sh`
 /// installs) of this test alone, in a temporary directory on free ports, so that the test can
 /// kill and restart it without disturbing the shared broker.
+/// The TLS and SASL side of a [`PrivateKafka::start_secured`] broker.
+pub struct Secured {
+    /// PEM file with the broker's private key (unencrypted PKCS#8) and certificate chain.
+    pub keystore: PathBuf,
+    /// SASL users: (name, password).
+    pub users: Vec<(String, String)>,
+}
+
 pub struct PrivateKafka {
     dir: tempfile::TempDir,
     /// Client port on 127.0.0.1.
     pub port: u16,
+    /// The `SASL_SSL` port of [`PrivateKafka::start_secured`] (`localhost:<port>`).
+    pub secure_port: u16,
     child: Option<Child>,
 }
 
@@ -701,6 +711,17 @@ impl PrivateKafka {
 
     /// Write the config, format the storage, start the broker and wait until it answers.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// [`PrivateKafka::start`] with a `SASL_SSL` listener too: advertised as `localhost` (the
+    /// name the certificate must carry), the broker's PEM key and chain in `secured.keystore`,
+    /// SASL PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for each of `secured.users` (name, password).
+    pub fn start_secured(secured: &Secured) -> Self {
+        Self::start_with(Some(secured))
+    }
+
+    fn start_with(secured: Option<&Secured>) -> Self {
         assert!(
             Self::libs().exists(),
             "Kafka jars missing in {} (bash .ci/services.sh up installs them)",
@@ -709,18 +730,44 @@ impl PrivateKafka {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let controller = free_port();
+        let secure_port = free_port();
         let data = dir.path().join("data");
+        let (listeners, advertised, map, security) = match secured {
+            None => (String::new(), String::new(), String::new(), String::new()),
+            Some(sec) => {
+                let plain_users: String = sec
+                    .users
+                    .iter()
+                    .map(|(u, p)| format!(" user_{u}=\"{p}\""))
+                    .collect();
+                (
+                    format!(",SASL_SSL://127.0.0.1:{secure_port}"),
+                    format!(",SASL_SSL://localhost:{secure_port}"),
+                    ",SASL_SSL:SASL_SSL".to_string(),
+                    format!(
+                        "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512\n\
+                         listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required{plain_users};\n\
+                         listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                         listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                         ssl.keystore.type=PEM\n\
+                         ssl.keystore.location={}\n",
+                        sec.keystore.display()
+                    ),
+                )
+            }
+        };
         std::fs::write(
             dir.path().join("server.properties"),
             format!(
                 "process.roles=broker,controller\n\
                  node.id=1\n\
                  controller.quorum.voters=1@127.0.0.1:{controller}\n\
-                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
-                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}{listeners}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}{advertised}\n\
                  controller.listener.names=CONTROLLER\n\
                  inter.broker.listener.name=PLAINTEXT\n\
-                 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+                 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT{map}\n\
+                 {security}\
                  log.dirs={}\n\
                  num.partitions=3\n\
                  default.replication.factor=1\n\
@@ -761,6 +808,7 @@ impl PrivateKafka {
         let mut k = Self {
             dir,
             port,
+            secure_port,
             child: None,
         };
         let out = k
@@ -775,12 +823,18 @@ impl PrivateKafka {
         );
         let cluster = String::from_utf8(out.stdout).unwrap();
         let cluster = cluster.lines().last().unwrap().trim().to_string();
-        let out = k
-            .java("-Xmx256m")
+        let mut format = k.java("-Xmx256m");
+        format
             .args(["kafka.tools.StorageTool", "format", "-t", &cluster, "-c"])
-            .arg(k.dir.path().join("server.properties"))
-            .output()
-            .unwrap();
+            .arg(k.dir.path().join("server.properties"));
+        for (u, p) in secured.map(|s| s.users.as_slice()).unwrap_or(&[]) {
+            for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+                format
+                    .arg("--add-scram")
+                    .arg(format!("{mechanism}=[name={u},password={p}]"));
+            }
+        }
+        let out = format.output().unwrap();
         assert!(
             out.status.success(),
             "kafka storage format: {}",

@@ -1,0 +1,208 @@
+//! TLS and SASL to Kafka (issue 28): a private Apache Kafka broker with a SASL_SSL listener
+//! (certificates made by the test with openssl, SCRAM and PLAIN users), fed by `generate` and
+//! consumed by `run` through it; a wrong password, an unknown CA and a plaintext client to the
+//! TLS port are each a clear error, retried, with nothing stored and the password never printed.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{PrivateKafka, Secured, TestEnv, signal};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn certificates(d: &Path) {
+    for ca in ["ca", "other-ca"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+            ],
+        );
+    }
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "broker.key",
+            "-out",
+            "broker.csr",
+        ],
+    );
+    std::fs::write(d.join("broker.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "broker.ext",
+            "-out",
+            "broker.crt",
+        ],
+    );
+    // Kafka's PEM keystore: the private key, then the certificate chain.
+    let pem = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("broker.key")).unwrap(),
+        std::fs::read_to_string(d.join("broker.crt")).unwrap()
+    );
+    std::fs::write(d.join("broker.pem"), pem).unwrap();
+}
+
+/// Run `payguard run` until its log shows `want` (then SIGTERM); returns the log.
+async fn run_until(env: &TestEnv, dir: &Path, name: &str, want: &str) -> String {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = env
+        .cmd(&["run"])
+        .env("RUST_LOG", "debug,rskafka=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    env.wait_for(want, Duration::from_secs(60), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(want)
+    })
+    .await;
+    signal(&child, "TERM");
+    let _ = child.wait();
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn generate_and_run_over_sasl_ssl_and_each_wrong_setup_is_a_clear_error() {
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    certificates(d);
+    let password = "alice-S3cret-pw";
+    let kafka = PrivateKafka::start_secured(&Secured {
+        keystore: d.join("broker.pem"),
+        users: vec![("alice".into(), password.into())],
+    });
+    let password_file = d.join("kafka-password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let secure = format!("localhost:{}", kafka.secure_port);
+    let env = TestEnv::with_services("kafka_tls", &common::admin_url(), &kafka.bootstrap(), |t| {
+        let k = t["kafka"].as_table_mut().unwrap();
+        k.insert(
+            "brokers".into(),
+            toml::Value::Array(vec![secure.clone().into()]),
+        );
+        k.insert("retry_max_ms".into(), 500.into());
+        let mut tls = toml::Table::new();
+        tls.insert(
+            "ca_file".into(),
+            d.join("ca.crt").display().to_string().into(),
+        );
+        k.insert("tls".into(), tls.into());
+        let mut sasl = toml::Table::new();
+        sasl.insert("mechanism".into(), "SCRAM-SHA-256".into());
+        sasl.insert("username".into(), "alice".into());
+        sasl.insert(
+            "password_file".into(),
+            password_file.display().to_string().into(),
+        );
+        k.insert("sasl".into(), sasl.into());
+    })
+    .await;
+    // Produced and consumed over SASL_SSL with SCRAM-SHA-256: everything stored once.
+    env.generate(2_000, &[]);
+    env.run_ok(&["run", "--stop-at-end"]);
+    assert_eq!(env.transactions().await, 2_000);
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let set = |from: &str, to: &str| {
+        let text = config.replace(from, to);
+        assert_ne!(text, config, "{from} not in the config");
+        std::fs::write(&env.config, text).unwrap();
+    };
+    // PLAIN and SCRAM-SHA-512 work the same way.
+    for mechanism in ["PLAIN", "SCRAM-SHA-512"] {
+        set("\"SCRAM-SHA-256\"", &format!("\"{mechanism}\""));
+        env.run_ok(&["run", "--stop-at-end"]);
+        assert_eq!(
+            env.transactions().await,
+            2_000,
+            "{mechanism}: nothing twice"
+        );
+        std::fs::write(&env.config, &config).unwrap();
+    }
+
+    // A wrong password: the broker refuses it, the pipeline retries and says why, nothing is
+    // printed of the password.
+    let wrong = "Wr0ng-Kafka-Pa55";
+    std::fs::write(&password_file, format!("{wrong}\n")).unwrap();
+    let log = run_until(&env, d, "wrong-password", "cannot reach Kafka brokers").await;
+    assert!(
+        log.to_lowercase().contains("authentication"),
+        "a refused login says so: {log}"
+    );
+    assert!(!log.contains(wrong), "the password reached the log");
+    assert!(!log.contains(password));
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+
+    // A broker certificate from a CA the client does not trust.
+    set(
+        &d.join("ca.crt").display().to_string(),
+        &d.join("other-ca.crt").display().to_string(),
+    );
+    let log = run_until(&env, d, "unknown-ca", "cannot reach Kafka brokers").await;
+    assert!(
+        log.contains("UnknownIssuer"),
+        "an unknown CA is named: {log}"
+    );
+    std::fs::write(&env.config, &config).unwrap();
+
+    // A plaintext client (no [kafka.tls], no SASL) to the TLS port: an error, retried.
+    let mut t: toml::Table = toml::from_str(&config).unwrap();
+    let k = t["kafka"].as_table_mut().unwrap();
+    k.remove("tls");
+    k.remove("sasl");
+    std::fs::write(&env.config, toml::to_string(&t).unwrap()).unwrap();
+    let log = run_until(&env, d, "plaintext", "cannot reach Kafka brokers").await;
+    assert!(log.contains(&secure), "the error names the broker: {log}");
+    std::fs::write(&env.config, &config).unwrap();
+    assert_eq!(env.transactions().await, 2_000, "nothing stored twice");
+}
