@@ -93,6 +93,59 @@ fn signed(dir: &Path, ca: &str, name: &str, cn: &str, san: &str) {
     );
 }
 
+/// A certificate `name`.crt/.key for `cn` signed by CA `ca` that expired in 2020.
+fn expired(dir: &Path, ca: &str, name: &str, cn: &str, san: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "1000\n").unwrap();
+    std::fs::write(
+        dir.join("ca.cnf"),
+        format!(
+            "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\nserial = serial\n\
+             new_certs_dir = .\ndefault_md = sha256\npolicy = any\n[any]\ncommonName = supplied\n\
+             [ext]\nsubjectAltName = {san}\n"
+        ),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            &format!("{ca}.crt"),
+            "-keyfile",
+            &format!("{ca}.key"),
+            "-in",
+            &format!("{name}.csr"),
+            "-out",
+            &format!("{name}.crt"),
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+            "-extensions",
+            "ext",
+        ],
+    );
+}
+
 async fn connect(url: &str) -> Result<PgSink, String> {
     let cfg = PostgresConfig {
         url: url.to_string(),
@@ -213,5 +266,21 @@ async fn the_sink_connects_over_verified_tls_and_each_wrong_setup_names_its_caus
     assert!(
         err.contains("requires a valid client certificate"),
         "a missing client certificate is named: {err}"
+    );
+
+    // An expired server certificate: refused, saying so.
+    expired(d, "ca", "old-server", "localhost", "DNS:localhost");
+    pg.enable_tls(
+        &d.join("old-server.crt"),
+        &d.join("old-server.key"),
+        &d.join("ca.crt"),
+        "hostssl all payguard 127.0.0.1/32 cert\nhost all all 127.0.0.1/32 reject",
+    );
+    let err = connect(&url)
+        .await
+        .expect_err("an expired certificate is refused");
+    assert!(
+        err.contains("invalid peer certificate: certificate expired"),
+        "an expired certificate is named: {err}"
     );
 }
