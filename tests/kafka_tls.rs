@@ -1,7 +1,8 @@
 //! TLS and SASL to Kafka (issue 28): a private Apache Kafka broker with a SASL_SSL listener
 //! (certificates made by the test with openssl, SCRAM and PLAIN users), fed by `generate` and
-//! consumed by `run` through it; a wrong password, an unknown CA and a plaintext client to the
-//! TLS port are each a clear error, retried, with nothing stored and the password never printed.
+//! consumed by `run` through it; a wrong password, an unknown CA, a plaintext client to the TLS
+//! port and an expired broker certificate are each a clear error, retried, with nothing stored
+//! twice and the password never printed.
 
 mod common;
 
@@ -204,5 +205,73 @@ async fn generate_and_run_over_sasl_ssl_and_each_wrong_setup_is_a_clear_error() 
     let log = run_until(&env, d, "plaintext", "cannot reach Kafka brokers").await;
     assert!(log.contains(&secure), "the error names the broker: {log}");
     std::fs::write(&env.config, &config).unwrap();
+
+    // An expired broker certificate (valid in 2020 only, from the trusted CA): refused, saying so.
+    expired_keystore(d);
+    let mut kafka = kafka;
+    kafka.stop("TERM");
+    kafka.start_again();
+    let log = run_until(&env, d, "expired", "cannot reach Kafka brokers").await;
+    assert!(
+        log.contains("certificate expired"),
+        "an expired certificate is named: {log}"
+    );
     assert_eq!(env.transactions().await, 2_000, "nothing stored twice");
+}
+
+/// Replace the broker's keystore by a certificate of the same CA and name that expired in 2020.
+fn expired_keystore(d: &Path) {
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "old.key",
+            "-out",
+            "old.csr",
+        ],
+    );
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    std::fs::write(d.join("serial"), "1000\n").unwrap();
+    std::fs::write(
+        d.join("ca.cnf"),
+        "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\nserial = serial\n\
+         new_certs_dir = .\ndefault_md = sha256\npolicy = any\n[any]\ncommonName = supplied\n\
+         [ext]\nsubjectAltName = DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca.crt",
+            "-keyfile",
+            "ca.key",
+            "-in",
+            "old.csr",
+            "-out",
+            "old.crt",
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+            "-extensions",
+            "ext",
+        ],
+    );
+    let pem = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("old.key")).unwrap(),
+        std::fs::read_to_string(d.join("old.crt")).unwrap()
+    );
+    std::fs::write(d.join("broker.pem"), pem).unwrap();
 }
