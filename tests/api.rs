@@ -892,65 +892,9 @@ async fn https_get(addr: &str, ca: &std::path::Path, path: &str) -> Result<Strin
 async fn the_api_serves_https_with_a_configured_certificate_and_refuses_plaintext() {
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    for ca in ["ca", "other-ca"] {
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={ca}"),
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.crt"),
-        ]);
-    }
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(d.join("server.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.crt",
-    ]);
+    common::certs::ca(d, "ca");
+    common::certs::ca(d, "other-ca");
+    common::certs::signed(d, "ca", "server", "localhost", "DNS:localhost");
     let (cert, key) = (d.join("server.crt"), d.join("server.key"));
     let env = TestEnv::new("api_https", |t| {
         let api = t["api"].as_table_mut().unwrap();

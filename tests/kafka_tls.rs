@@ -7,88 +7,16 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use common::certs::{ca, expired, key_and_chain, signed};
 use common::{PrivateKafka, Secured, TestEnv, signal};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn certificates(d: &Path) {
-    for ca in ["ca", "other-ca"] {
-        openssl(
-            d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={ca}"),
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.crt"),
-            ],
-        );
-    }
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "broker.key",
-            "-out",
-            "broker.csr",
-        ],
-    );
-    std::fs::write(d.join("broker.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "broker.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "broker.ext",
-            "-out",
-            "broker.crt",
-        ],
-    );
-    // Kafka's PEM keystore: the private key, then the certificate chain.
-    let pem = format!(
-        "{}{}",
-        std::fs::read_to_string(d.join("broker.key")).unwrap(),
-        std::fs::read_to_string(d.join("broker.crt")).unwrap()
-    );
-    std::fs::write(d.join("broker.pem"), pem).unwrap();
+    ca(d, "ca");
+    ca(d, "other-ca");
+    signed(d, "ca", "broker", "localhost", "DNS:localhost");
+    key_and_chain(d, "broker", &d.join("broker.pem"));
 }
 
 /// Run `payguard run` until its log shows `want` (then SIGTERM); returns the log.
@@ -221,57 +149,6 @@ async fn generate_and_run_over_sasl_ssl_and_each_wrong_setup_is_a_clear_error() 
 
 /// Replace the broker's keystore by a certificate of the same CA and name that expired in 2020.
 fn expired_keystore(d: &Path) {
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "old.key",
-            "-out",
-            "old.csr",
-        ],
-    );
-    std::fs::write(d.join("index.txt"), "").unwrap();
-    std::fs::write(d.join("serial"), "1000\n").unwrap();
-    std::fs::write(
-        d.join("ca.cnf"),
-        "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\nserial = serial\n\
-         new_certs_dir = .\ndefault_md = sha256\npolicy = any\n[any]\ncommonName = supplied\n\
-         [ext]\nsubjectAltName = DNS:localhost\n",
-    )
-    .unwrap();
-    openssl(
-        d,
-        &[
-            "ca",
-            "-batch",
-            "-config",
-            "ca.cnf",
-            "-cert",
-            "ca.crt",
-            "-keyfile",
-            "ca.key",
-            "-in",
-            "old.csr",
-            "-out",
-            "old.crt",
-            "-startdate",
-            "20200101000000Z",
-            "-enddate",
-            "20200102000000Z",
-            "-extensions",
-            "ext",
-        ],
-    );
-    let pem = format!(
-        "{}{}",
-        std::fs::read_to_string(d.join("old.key")).unwrap(),
-        std::fs::read_to_string(d.join("old.crt")).unwrap()
-    );
-    std::fs::write(d.join("broker.pem"), pem).unwrap();
+    expired(d, "ca", "old", "localhost", "DNS:localhost");
+    key_and_chain(d, "old", &d.join("broker.pem"));
 }

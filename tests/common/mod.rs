@@ -3,6 +3,8 @@
 //! broker and PostgreSQL server that `.ci/run` starts.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
