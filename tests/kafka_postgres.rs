@@ -274,23 +274,13 @@ async fn the_database_password_comes_from_a_file_and_never_reaches_the_logs() {
     // A wrong password: refused by the server, retried, and never printed, even at debug level.
     let wrong = "Wr0ng:Pa55@w0rd-7f3a";
     std::fs::write(&password_file, format!("{wrong}\n")).unwrap();
-    let log_path = secrets.path().join("run.log");
-    let mut child = env
-        .cmd(&["run"])
-        .env("RUST_LOG", "debug,rskafka=warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    env.wait_for("a refused login", Duration::from_secs(30), || async {
-        std::fs::read_to_string(&log_path)
-            .unwrap_or_default()
-            .contains("password authentication failed")
-    })
-    .await;
-    signal(&child, "TERM");
-    let _ = child.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = env
+        .run_until_logged(
+            "wrong-password",
+            "debug,rskafka=warn",
+            "password authentication failed",
+        )
+        .await;
     assert!(!log.contains(wrong), "the password reached the log:\n{log}");
     assert!(
         !log.contains("Wr0ng%3APa55%40w0rd-7f3a") && !log.contains("Pa55"),

@@ -7,37 +7,15 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::certs::{ca, expired, key_and_chain, signed};
-use common::{PrivateKafka, Secured, TestEnv, signal};
+use common::{PrivateKafka, Secured, TestEnv};
 
 fn certificates(d: &Path) {
     ca(d, "ca");
     ca(d, "other-ca");
     signed(d, "ca", "broker", "localhost", "DNS:localhost");
     key_and_chain(d, "broker", &d.join("broker.pem"));
-}
-
-/// Run `payguard run` until its log shows `want` (then SIGTERM); returns the log.
-async fn run_until(env: &TestEnv, dir: &Path, name: &str, want: &str) -> String {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = env
-        .cmd(&["run"])
-        .env("RUST_LOG", "debug,rskafka=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    env.wait_for(want, Duration::from_secs(60), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(want)
-    })
-    .await;
-    signal(&child, "TERM");
-    let _ = child.wait();
-    std::fs::read_to_string(&log).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,7 +81,13 @@ async fn generate_and_run_over_sasl_ssl_and_each_wrong_setup_is_a_clear_error() 
     // printed of the password.
     let wrong = "Wr0ng-Kafka-Pa55";
     std::fs::write(&password_file, format!("{wrong}\n")).unwrap();
-    let log = run_until(&env, d, "wrong-password", "cannot reach Kafka brokers").await;
+    let log = env
+        .run_until_logged(
+            "wrong-password",
+            "debug,rskafka=info",
+            "cannot reach Kafka brokers",
+        )
+        .await;
     assert!(
         log.to_lowercase().contains("authentication"),
         "a refused login says so: {log}"
@@ -117,7 +101,13 @@ async fn generate_and_run_over_sasl_ssl_and_each_wrong_setup_is_a_clear_error() 
         &d.join("ca.crt").display().to_string(),
         &d.join("other-ca.crt").display().to_string(),
     );
-    let log = run_until(&env, d, "unknown-ca", "cannot reach Kafka brokers").await;
+    let log = env
+        .run_until_logged(
+            "unknown-ca",
+            "debug,rskafka=info",
+            "cannot reach Kafka brokers",
+        )
+        .await;
     assert!(
         log.contains("UnknownIssuer"),
         "an unknown CA is named: {log}"
@@ -130,7 +120,13 @@ async fn generate_and_run_over_sasl_ssl_and_each_wrong_setup_is_a_clear_error() 
     k.remove("tls");
     k.remove("sasl");
     std::fs::write(&env.config, toml::to_string(&t).unwrap()).unwrap();
-    let log = run_until(&env, d, "plaintext", "cannot reach Kafka brokers").await;
+    let log = env
+        .run_until_logged(
+            "plaintext",
+            "debug,rskafka=info",
+            "cannot reach Kafka brokers",
+        )
+        .await;
     assert!(log.contains(&secure), "the error names the broker: {log}");
     std::fs::write(&env.config, &config).unwrap();
 
@@ -139,7 +135,13 @@ async fn generate_and_run_over_sasl_ssl_and_each_wrong_setup_is_a_clear_error() 
     let mut kafka = kafka;
     kafka.stop("TERM");
     kafka.start_again();
-    let log = run_until(&env, d, "expired", "cannot reach Kafka brokers").await;
+    let log = env
+        .run_until_logged(
+            "expired",
+            "debug,rskafka=info",
+            "cannot reach Kafka brokers",
+        )
+        .await;
     assert!(
         log.contains("certificate expired"),
         "an expired certificate is named: {log}"

@@ -420,29 +420,29 @@ pub(super) fn validate(config: &Config, text: &str, file: &Path) -> Vec<ConfigEr
             ),
         );
     }
-    match (
-        a.tls_cert_file.as_os_str().is_empty(),
-        a.tls_key_file.as_os_str().is_empty(),
+    for (key, message) in cert_and_key(
+        config,
+        ("api.tls_cert_file", &a.tls_cert_file),
+        ("api.tls_key_file", &a.tls_key_file),
+        "HTTPS needs both api.tls_cert_file and api.tls_key_file (or neither: plain HTTP)",
     ) {
-        (true, true) => {}
-        (false, true) | (true, false) => err(
-            "api.tls_cert_file".into(),
-            "HTTPS needs both api.tls_cert_file and api.tls_key_file (or neither: plain HTTP)"
-                .into(),
-        ),
-        (false, false) => {
-            for (key, path) in [
-                ("api.tls_cert_file", &a.tls_cert_file),
-                ("api.tls_key_file", &a.tls_key_file),
-            ] {
-                let path = config.resolve(path);
-                if !path.is_file() {
-                    err(
-                        key.into(),
-                        format!("file {} does not exist", path.display()),
-                    );
-                }
-            }
+        err(key.into(), message);
+    }
+    if let Some(tls) = &config.kafka.tls {
+        let ca = config.resolve(&tls.ca_file);
+        if !ca.is_file() {
+            err(
+                "kafka.tls.ca_file".into(),
+                format!("file {} does not exist", ca.display()),
+            );
+        }
+        for (key, message) in cert_and_key(
+            config,
+            ("kafka.tls.cert_file", &tls.cert_file),
+            ("kafka.tls.key_file", &tls.key_file),
+            "a client certificate needs both cert_file and key_file",
+        ) {
+            err(key.into(), message);
         }
     }
     if a.api_keys.iter().any(|k| k.trim().len() < 16) {
@@ -617,39 +617,15 @@ pub(super) fn read_secrets(
             message,
         });
     };
-    let pg = &config.postgres;
-    let password = match (
+    let password = secret(
+        config,
         &env.postgres_password,
-        pg.password_file.as_os_str().is_empty(),
-    ) {
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => {
-            let path = config.resolve(&pg.password_file);
-            match std::fs::read_to_string(&path) {
-                Ok(t) => match t.lines().next().map(str::trim_end) {
-                    Some(p) if !p.is_empty() => Some(p.to_string()),
-                    _ => {
-                        err(
-                            "postgres.password_file",
-                            format!(
-                                "{} is empty: its first line is the password",
-                                path.display()
-                            ),
-                        );
-                        None
-                    }
-                },
-                Err(e) => {
-                    err(
-                        "postgres.password_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    None
-                }
-            }
-        }
-        (None, true) => None,
-    };
+        &config.postgres.password_file,
+    )
+    .unwrap_or_else(|m| {
+        err("postgres.password_file", m);
+        None
+    });
     if let Some(password) = password {
         match with_password(&config.postgres.url, &password) {
             Ok(url) => config.postgres.url = url,
@@ -657,59 +633,17 @@ pub(super) fn read_secrets(
         }
     }
     if let Some(sasl) = &config.kafka.sasl {
-        let password = match (
-            &env.kafka_password,
-            sasl.password_file.as_os_str().is_empty(),
-        ) {
-            (Some(p), _) => Some(p.clone()),
-            (None, false) => {
-                let path = config.resolve(&sasl.password_file);
-                match std::fs::read_to_string(&path) {
-                    Ok(t) => t.lines().next().map(|l| l.trim_end().to_string()),
-                    Err(e) => {
-                        err(
-                            "kafka.sasl.password_file",
-                            format!("cannot read {}: {e}", path.display()),
-                        );
-                        None
-                    }
-                }
-            }
-            (None, true) => None,
-        };
-        match password.filter(|p| !p.is_empty()) {
-            Some(p) => {
+        match secret(config, &env.kafka_password, &sasl.password_file) {
+            Ok(Some(p)) => {
                 if let Some(sasl) = config.kafka.sasl.as_mut() {
                     sasl.password = p;
                 }
             }
-            None => err(
+            Ok(None) => err(
                 "kafka.sasl.password_file",
                 "SASL needs a password: its file (first line) or PAYGUARD_KAFKA_PASSWORD".into(),
             ),
-        }
-    }
-    if let Some(tls) = &config.kafka.tls {
-        let mut files = vec![("kafka.tls.ca_file", &tls.ca_file)];
-        match (
-            tls.cert_file.as_os_str().is_empty(),
-            tls.key_file.as_os_str().is_empty(),
-        ) {
-            (true, true) => {}
-            (false, false) => {
-                files.push(("kafka.tls.cert_file", &tls.cert_file));
-                files.push(("kafka.tls.key_file", &tls.key_file));
-            }
-            _ => err(
-                "kafka.tls.cert_file",
-                "a client certificate needs both cert_file and key_file".into(),
-            ),
-        }
-        for (key, path) in files {
-            let path = config.resolve(path);
-            if !path.is_file() {
-                err(key, format!("file {} does not exist", path.display()));
-            }
+            Err(m) => err("kafka.sasl.password_file", m),
         }
     }
     if !config.api.api_keys_file.as_os_str().is_empty() {
@@ -742,6 +676,49 @@ pub(super) fn read_secrets(
         }
     }
     errors
+}
+
+/// A secret: the environment's value `env`, else the first line of `file` (resolved against the
+/// config's directory), else `None` when no file is named. An unreadable or empty file is an
+/// error naming the file, never its content.
+fn secret(config: &Config, env: &Option<String>, file: &Path) -> Result<Option<String>, String> {
+    if let Some(v) = env {
+        return Ok(Some(v.clone()));
+    }
+    if file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let path = config.resolve(file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match text.lines().next().map(str::trim_end) {
+        Some(first) if !first.is_empty() => Ok(Some(first.to_string())),
+        _ => Err(format!(
+            "{} is empty: its first line is the password",
+            path.display()
+        )),
+    }
+}
+
+/// The problems (key, message) of a PEM certificate and key pair of files: both or neither
+/// (`both` is the message otherwise), and those named must exist.
+fn cert_and_key(
+    config: &Config,
+    cert: (&'static str, &Path),
+    key: (&'static str, &Path),
+    both: &str,
+) -> Vec<(&'static str, String)> {
+    match (cert.1.as_os_str().is_empty(), key.1.as_os_str().is_empty()) {
+        (true, true) => Vec::new(),
+        (false, false) => [cert, key]
+            .into_iter()
+            .filter_map(|(k, p)| {
+                let path = config.resolve(p);
+                (!path.is_file()).then(|| (k, format!("file {} does not exist", path.display())))
+            })
+            .collect(),
+        _ => vec![(cert.0, both.to_string())],
+    }
 }
 
 /// `url` (`postgres://user[:old]@host...`) with its password replaced by `password`,

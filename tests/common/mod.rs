@@ -195,6 +195,28 @@ impl TestEnv {
         out
     }
 
+    /// `payguard run` at log level `rust_log` until its log shows `want` (within 60 s), then
+    /// SIGTERM; returns the whole log (also kept in the test directory as `<name>.log`).
+    pub async fn run_until_logged(&self, name: &str, rust_log: &str, want: &str) -> String {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut child = self
+            .cmd(&["run"])
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.wait_for(want, Duration::from_secs(60), || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(want)
+        })
+        .await;
+        signal(&child, "TERM");
+        let _ = child.wait();
+        std::fs::read_to_string(&log).unwrap()
+    }
+
     /// Start a command in the background; its stderr goes to a log file in the test directory
     /// (read back by [`wait_with_timeout`]).
     pub fn spawn(&self, args: &[&str]) -> Child {
